@@ -1,0 +1,10 @@
+"""Loaded with ``-p tests.environment`` (pyproject addopts) before pytest-django sets Django up.
+
+The suite keeps its embedded servers in their own DATA_DIR so that running the tests never
+touches the database, broker or workspaces of a ``make run`` on the same checkout.
+"""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("DATA_DIR", str(Path(__file__).resolve().parent.parent / ".data" / "test"))

@@ -1,0 +1,177 @@
+"""Writes for workspaces: create a workspace, insert builds.
+
+Every build is inserted together with its provisioner job in one transaction, and the job is
+handed to Celery only after that transaction commits (a worker must never see a job id whose row
+does not exist yet). Execution lives in ``workspaces.jobs``.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import partial
+
+from django.db import IntegrityError, transaction
+from django.db.models import Max
+
+from accounts.models import User
+from workspaces import jobs
+from workspaces.models import (
+    ACTIVE_JOB_STATUSES,
+    BuildReason,
+    Provisioner,
+    ProvisionerJob,
+    Template,
+    TemplateVersion,
+    TemplateVersionPreset,
+    Transition,
+    Workspace,
+    WorkspaceBuild,
+)
+
+WORKSPACE_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
+
+
+class WorkspaceError(Exception):
+    """A refused workspace operation; ``code`` is a stable identifier, ``status`` an HTTP hint."""
+
+    status = 400
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+class WorkspaceConflict(WorkspaceError):
+    status = 409
+
+
+def workspace_name_validate(name: object) -> str:
+    """The name if it is valid (lowercase letters, digits, inner dashes, 1-64), else an error."""
+    if not isinstance(name, str) or not WORKSPACE_NAME_RE.fullmatch(name):
+        raise WorkspaceError(
+            "invalid_name",
+            "name: use 1-64 lowercase letters, digits and dashes, starting and ending with a "
+            "letter or digit.",
+        )
+    return name
+
+
+def build_parameters(version: TemplateVersion, preset: TemplateVersionPreset | None) -> dict:
+    """Effective parameter values: the version's defaults overlaid with the preset's values."""
+    values = version.parameter_defaults()
+    if preset is not None:
+        values.update({k: str(v) for k, v in preset.parameters.items()})
+    return values
+
+
+@transaction.atomic
+def workspace_create(
+    *,
+    owner: User,
+    template: Template,
+    name: str,
+    preset: TemplateVersionPreset | None = None,
+    initiator: User | None = None,
+    reason: str = BuildReason.INITIATOR,
+) -> Workspace:
+    """Create a workspace on the template's active version and insert its first start build.
+
+    Raises ``WorkspaceError`` for a bad name, a template without an active version or a preset
+    of another version, and ``WorkspaceConflict`` when the owner already has a live workspace
+    of that name (checked by the database's unique constraint, so two racing requests cannot
+    both win). Nothing is written on error.
+    """
+    workspace_name_validate(name)
+    version = template.active_version
+    if template.deleted or version is None:
+        raise WorkspaceError("template_unavailable", "template: it has no active version.")
+    if preset is not None and preset.template_version_id != version.id:
+        raise WorkspaceError(
+            "invalid_preset", "template_version_preset_id: preset is not on the active version."
+        )
+    try:
+        with transaction.atomic():
+            workspace = Workspace.objects.create(
+                organization_id=template.organization_id,
+                template=template,
+                owner=owner,
+                name=name,
+            )
+    except IntegrityError:
+        raise WorkspaceConflict(
+            "name_taken", f"name: you already have a workspace named {name!r}."
+        ) from None
+    build_create(
+        workspace=workspace,
+        transition=Transition.START,
+        initiator=initiator or owner,
+        reason=reason,
+        template_version=version,
+        preset=preset,
+    )
+    return workspace
+
+
+@transaction.atomic
+def build_create(
+    *,
+    workspace: Workspace,
+    transition: str,
+    initiator: User,
+    reason: str = BuildReason.INITIATOR,
+    is_claim: bool = False,
+    template_version: TemplateVersion | None = None,
+    preset: TemplateVersionPreset | None = None,
+) -> WorkspaceBuild:
+    """Insert the next build of ``workspace`` with a pending job, enqueued after commit.
+
+    The workspace row is locked for the insert, so build numbers are gapless and two racing
+    callers cannot both start a build: while the latest build's job is still active (pending,
+    running, canceling), a new build is refused with ``WorkspaceConflict``. A deleted workspace
+    takes no more builds. Without an explicit version and preset, a build reuses the latest
+    build's.
+    """
+    if transition not in Transition.values:
+        raise WorkspaceError("invalid_transition", "transition: use start, stop or delete.")
+    locked = Workspace.objects.select_for_update().get(id=workspace.id)
+    if locked.deleted:
+        raise WorkspaceConflict("workspace_deleted", "The workspace is deleted.")
+    latest = (
+        WorkspaceBuild.objects.select_related("job", "template_version", "preset")
+        .filter(workspace=locked)
+        .order_by("-build_number")
+        .first()
+    )
+    if latest is not None and latest.job.status in ACTIVE_JOB_STATUSES:
+        raise WorkspaceConflict(
+            "build_in_progress",
+            f"Build #{latest.build_number} ({latest.transition}) is still {latest.job.status}.",
+        )
+    version = template_version or (latest.template_version if latest else None)
+    if version is None:
+        raise WorkspaceError("template_unavailable", "template: it has no active version.")
+    if template_version is None and preset is None and latest is not None:
+        preset = latest.preset
+    number = (
+        WorkspaceBuild.objects.filter(workspace=locked).aggregate(n=Max("build_number"))["n"] or 0
+    ) + 1
+    # Later builds of a local workspace must run on the worker host that holds its processes.
+    queue = "default"
+    if version.provisioner == Provisioner.LOCAL and locked.host_queue:
+        queue = locked.host_queue
+    job = ProvisionerJob.objects.create(organization_id=locked.organization_id, queue=queue)
+    build = WorkspaceBuild.objects.create(
+        workspace=locked,
+        build_number=number,
+        transition=transition,
+        template_version=version,
+        preset=preset,
+        parameters=build_parameters(version, preset),
+        initiator=initiator,
+        reason=reason,
+        is_claim=is_claim,
+        job=job,
+    )
+    transaction.on_commit(partial(jobs.job_enqueue, job.id, queue))
+    return build
