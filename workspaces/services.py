@@ -12,7 +12,9 @@ from functools import partial
 
 from django.db import IntegrityError, transaction
 from django.db.models import Max
+from django.utils import timezone
 
+from accounts import tokens
 from accounts.models import User
 from workspaces import jobs
 from workspaces.models import (
@@ -25,6 +27,7 @@ from workspaces.models import (
     TemplateVersionPreset,
     Transition,
     Workspace,
+    WorkspaceAgent,
     WorkspaceBuild,
 )
 
@@ -175,3 +178,49 @@ def build_create(
     )
     transaction.on_commit(partial(jobs.job_enqueue, job.id, queue))
     return build
+
+
+AGENT_TOKEN_PREFIX = "wsa"
+
+
+def agent_create(
+    *, build: WorkspaceBuild, name: str, startup_script: str = ""
+) -> tuple[WorkspaceAgent, str]:
+    """Create an agent for ``build`` and return it with its plain token (stored hashed only).
+
+    The token can be handed to the agent process now and never again: start builds of local
+    workspaces create fresh agents (and tokens) each time their processes are started.
+    """
+    new = tokens.generate(AGENT_TOKEN_PREFIX)
+    agent = WorkspaceAgent.objects.create(
+        workspace_id=build.workspace_id,
+        build=build,
+        name=name,
+        startup_script=startup_script,
+        token_key_id=new.key_id,
+        token_secret_hash=new.secret_hash,
+    )
+    return agent, new.token
+
+
+def agents_retire(*, workspace: Workspace) -> int:
+    """Retire the workspace's current agents (their tokens stop working)."""
+    return WorkspaceAgent.objects.filter(workspace=workspace, retired_at__isnull=True).update(
+        retired_at=timezone.now()
+    )
+
+
+def agent_authenticate(token: str) -> WorkspaceAgent | None:
+    """The current (not retired) agent of a live workspace holding this token, else None."""
+    parts = tokens.split(token, AGENT_TOKEN_PREFIX)
+    if parts is None:
+        return None
+    key_id, secret = parts
+    agent = (
+        WorkspaceAgent.objects.select_related("workspace", "workspace__owner")
+        .filter(token_key_id=key_id, retired_at__isnull=True, workspace__deleted=False)
+        .first()
+    )
+    if agent is None or not tokens.secret_matches(secret, agent.token_secret_hash):
+        return None
+    return agent
