@@ -9,246 +9,579 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
-        ('accounts', '0002_system_rows'),
+        ("accounts", "0002_system_rows"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='ProvisionerJob',
+            name="ProvisionerJob",
             fields=[
-                ('id', models.UUIDField(default=uuid.uuid4, editable=False, primary_key=True, serialize=False)),
-                ('status', models.CharField(choices=[('pending', 'Pending'), ('running', 'Running'), ('succeeded', 'Succeeded'), ('failed', 'Failed'), ('canceling', 'Canceling'), ('canceled', 'Canceled')], default='pending', max_length=16)),
-                ('queue', models.CharField(default='default', max_length=200)),
-                ('worker', models.CharField(blank=True, max_length=200)),
-                ('error', models.TextField(blank=True)),
-                ('logs', models.TextField(blank=True)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('started_at', models.DateTimeField(blank=True, null=True)),
-                ('heartbeat_at', models.DateTimeField(blank=True, null=True)),
-                ('completed_at', models.DateTimeField(blank=True, null=True)),
-                ('canceled_at', models.DateTimeField(blank=True, null=True)),
-                ('organization', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='+', to='accounts.organization')),
+                (
+                    "id",
+                    models.UUIDField(
+                        default=uuid.uuid4, editable=False, primary_key=True, serialize=False
+                    ),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("pending", "Pending"),
+                            ("running", "Running"),
+                            ("succeeded", "Succeeded"),
+                            ("failed", "Failed"),
+                            ("canceling", "Canceling"),
+                            ("canceled", "Canceled"),
+                        ],
+                        default="pending",
+                        max_length=16,
+                    ),
+                ),
+                ("queue", models.CharField(default="default", max_length=200)),
+                ("worker", models.CharField(blank=True, max_length=200)),
+                ("error", models.TextField(blank=True)),
+                ("logs", models.TextField(blank=True)),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                ("started_at", models.DateTimeField(blank=True, null=True)),
+                ("heartbeat_at", models.DateTimeField(blank=True, null=True)),
+                ("completed_at", models.DateTimeField(blank=True, null=True)),
+                ("canceled_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "organization",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="+",
+                        to="accounts.organization",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at'],
+                "ordering": ["-created_at"],
             },
         ),
         migrations.CreateModel(
-            name='Template',
+            name="Template",
             fields=[
-                ('id', models.UUIDField(default=uuid.uuid4, editable=False, primary_key=True, serialize=False)),
-                ('name', models.SlugField(max_length=64)),
-                ('display_name', models.CharField(blank=True, max_length=200)),
-                ('deleted', models.BooleanField(default=False)),
-                ('deprecated', models.BooleanField(default=False)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
-                ('organization', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='templates', to='accounts.organization')),
+                (
+                    "id",
+                    models.UUIDField(
+                        default=uuid.uuid4, editable=False, primary_key=True, serialize=False
+                    ),
+                ),
+                ("name", models.SlugField(max_length=64)),
+                ("display_name", models.CharField(blank=True, max_length=200)),
+                ("deleted", models.BooleanField(default=False)),
+                ("deprecated", models.BooleanField(default=False)),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
+                (
+                    "organization",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="templates",
+                        to="accounts.organization",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['organization__name', 'name'],
+                "ordering": ["organization__name", "name"],
             },
         ),
         migrations.CreateModel(
-            name='TemplateVersion',
+            name="TemplateVersion",
             fields=[
-                ('id', models.UUIDField(default=uuid.uuid4, editable=False, primary_key=True, serialize=False)),
-                ('number', models.PositiveIntegerField()),
-                ('name', models.CharField(max_length=64)),
-                ('provisioner', models.CharField(choices=[('local', 'Local processes'), ('command', 'External command')], max_length=16)),
-                ('provisioner_config', models.JSONField(blank=True, default=dict)),
-                ('parameters', models.JSONField(blank=True, default=list)),
-                ('agents', models.JSONField(blank=True, default=list)),
-                ('source', models.TextField(blank=True, help_text='The template file this version came from.')),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('created_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('template', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='versions', to='workspaces.template')),
+                (
+                    "id",
+                    models.UUIDField(
+                        default=uuid.uuid4, editable=False, primary_key=True, serialize=False
+                    ),
+                ),
+                ("number", models.PositiveIntegerField()),
+                ("name", models.CharField(max_length=64)),
+                (
+                    "provisioner",
+                    models.CharField(
+                        choices=[("local", "Local processes"), ("command", "External command")],
+                        max_length=16,
+                    ),
+                ),
+                ("provisioner_config", models.JSONField(blank=True, default=dict)),
+                ("parameters", models.JSONField(blank=True, default=list)),
+                ("agents", models.JSONField(blank=True, default=list)),
+                (
+                    "source",
+                    models.TextField(
+                        blank=True, help_text="The template file this version came from."
+                    ),
+                ),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                (
+                    "created_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "template",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="versions",
+                        to="workspaces.template",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['template', '-number'],
+                "ordering": ["template", "-number"],
             },
         ),
         migrations.AddField(
-            model_name='template',
-            name='active_version',
-            field=models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.PROTECT, related_name='+', to='workspaces.templateversion'),
+            model_name="template",
+            name="active_version",
+            field=models.ForeignKey(
+                blank=True,
+                null=True,
+                on_delete=django.db.models.deletion.PROTECT,
+                related_name="+",
+                to="workspaces.templateversion",
+            ),
         ),
         migrations.CreateModel(
-            name='TemplateVersionPreset',
+            name="TemplateVersionPreset",
             fields=[
-                ('id', models.UUIDField(default=uuid.uuid4, editable=False, primary_key=True, serialize=False)),
-                ('name', models.CharField(max_length=64)),
-                ('parameters', models.JSONField(blank=True, default=dict)),
-                ('desired_instances', models.PositiveIntegerField(blank=True, help_text='Prebuilds to keep ready; empty: no prebuilds.', null=True)),
-                ('invalidate_after', models.DurationField(blank=True, help_text='Time-to-live of a prebuild; empty or 0 disables.', null=True)),
-                ('scheduling_timezone', models.CharField(blank=True, max_length=64)),
-                ('last_invalidated_at', models.DateTimeField(blank=True, null=True)),
-                ('prebuild_status', models.CharField(choices=[('healthy', 'Healthy'), ('hard_limited', 'Hard limited'), ('validation_failed', 'Validation failed')], default='healthy', max_length=20)),
-                ('prebuild_status_reason', models.TextField(blank=True)),
-                ('prebuild_status_changed_at', models.DateTimeField(blank=True, null=True)),
-                ('template_version', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='presets', to='workspaces.templateversion')),
+                (
+                    "id",
+                    models.UUIDField(
+                        default=uuid.uuid4, editable=False, primary_key=True, serialize=False
+                    ),
+                ),
+                ("name", models.CharField(max_length=64)),
+                ("parameters", models.JSONField(blank=True, default=dict)),
+                (
+                    "desired_instances",
+                    models.PositiveIntegerField(
+                        blank=True,
+                        help_text="Prebuilds to keep ready; empty: no prebuilds.",
+                        null=True,
+                    ),
+                ),
+                (
+                    "invalidate_after",
+                    models.DurationField(
+                        blank=True,
+                        help_text="Time-to-live of a prebuild; empty or 0 disables.",
+                        null=True,
+                    ),
+                ),
+                ("scheduling_timezone", models.CharField(blank=True, max_length=64)),
+                ("last_invalidated_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "prebuild_status",
+                    models.CharField(
+                        choices=[
+                            ("healthy", "Healthy"),
+                            ("hard_limited", "Hard limited"),
+                            ("validation_failed", "Validation failed"),
+                        ],
+                        default="healthy",
+                        max_length=20,
+                    ),
+                ),
+                ("prebuild_status_reason", models.TextField(blank=True)),
+                ("prebuild_status_changed_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "template_version",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="presets",
+                        to="workspaces.templateversion",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['template_version', 'name'],
+                "ordering": ["template_version", "name"],
             },
         ),
         migrations.CreateModel(
-            name='PresetSchedule',
+            name="PresetSchedule",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('position', models.PositiveIntegerField(default=0)),
-                ('cron', models.CharField(max_length=100)),
-                ('instances', models.PositiveIntegerField()),
-                ('preset', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='schedules', to='workspaces.templateversionpreset')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("position", models.PositiveIntegerField(default=0)),
+                ("cron", models.CharField(max_length=100)),
+                ("instances", models.PositiveIntegerField()),
+                (
+                    "preset",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="schedules",
+                        to="workspaces.templateversionpreset",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['preset', 'position'],
+                "ordering": ["preset", "position"],
             },
         ),
         migrations.CreateModel(
-            name='Workspace',
+            name="Workspace",
             fields=[
-                ('id', models.UUIDField(default=uuid.uuid4, editable=False, primary_key=True, serialize=False)),
-                ('name', models.CharField(max_length=64)),
-                ('deleted', models.BooleanField(default=False)),
-                ('claimed_at', models.DateTimeField(blank=True, null=True)),
-                ('host_queue', models.CharField(blank=True, max_length=200)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
-                ('organization', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='workspaces', to='accounts.organization')),
-                ('owner', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='workspaces', to=settings.AUTH_USER_MODEL)),
-                ('template', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='workspaces', to='workspaces.template')),
+                (
+                    "id",
+                    models.UUIDField(
+                        default=uuid.uuid4, editable=False, primary_key=True, serialize=False
+                    ),
+                ),
+                ("name", models.CharField(max_length=64)),
+                ("deleted", models.BooleanField(default=False)),
+                ("claimed_at", models.DateTimeField(blank=True, null=True)),
+                ("host_queue", models.CharField(blank=True, max_length=200)),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
+                (
+                    "organization",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="workspaces",
+                        to="accounts.organization",
+                    ),
+                ),
+                (
+                    "owner",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="workspaces",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "template",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="workspaces",
+                        to="workspaces.template",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at'],
+                "ordering": ["-created_at"],
             },
         ),
         migrations.CreateModel(
-            name='WorkspaceBuild',
+            name="WorkspaceBuild",
             fields=[
-                ('id', models.UUIDField(default=uuid.uuid4, editable=False, primary_key=True, serialize=False)),
-                ('build_number', models.PositiveIntegerField()),
-                ('transition', models.CharField(choices=[('start', 'Start'), ('stop', 'Stop'), ('delete', 'Delete')], max_length=8)),
-                ('parameters', models.JSONField(blank=True, default=dict)),
-                ('reason', models.CharField(choices=[('initiator', 'Requested by the initiator'), ('prebuild', 'Prebuild reconciliation'), ('claim', 'Prebuild claimed')], default='initiator', max_length=16)),
-                ('is_claim', models.BooleanField(default=False)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('initiator', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('job', models.OneToOneField(on_delete=django.db.models.deletion.PROTECT, related_name='build', to='workspaces.provisionerjob')),
-                ('preset', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.PROTECT, related_name='builds', to='workspaces.templateversionpreset')),
-                ('template_version', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='builds', to='workspaces.templateversion')),
-                ('workspace', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='builds', to='workspaces.workspace')),
+                (
+                    "id",
+                    models.UUIDField(
+                        default=uuid.uuid4, editable=False, primary_key=True, serialize=False
+                    ),
+                ),
+                ("build_number", models.PositiveIntegerField()),
+                (
+                    "transition",
+                    models.CharField(
+                        choices=[("start", "Start"), ("stop", "Stop"), ("delete", "Delete")],
+                        max_length=8,
+                    ),
+                ),
+                ("parameters", models.JSONField(blank=True, default=dict)),
+                (
+                    "reason",
+                    models.CharField(
+                        choices=[
+                            ("initiator", "Requested by the initiator"),
+                            ("prebuild", "Prebuild reconciliation"),
+                            ("claim", "Prebuild claimed"),
+                        ],
+                        default="initiator",
+                        max_length=16,
+                    ),
+                ),
+                ("is_claim", models.BooleanField(default=False)),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                (
+                    "initiator",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "job",
+                    models.OneToOneField(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="build",
+                        to="workspaces.provisionerjob",
+                    ),
+                ),
+                (
+                    "preset",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="builds",
+                        to="workspaces.templateversionpreset",
+                    ),
+                ),
+                (
+                    "template_version",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="builds",
+                        to="workspaces.templateversion",
+                    ),
+                ),
+                (
+                    "workspace",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="builds",
+                        to="workspaces.workspace",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['workspace', '-build_number'],
+                "ordering": ["workspace", "-build_number"],
             },
         ),
         migrations.CreateModel(
-            name='WorkspaceAgent',
+            name="WorkspaceAgent",
             fields=[
-                ('id', models.UUIDField(default=uuid.uuid4, editable=False, primary_key=True, serialize=False)),
-                ('name', models.CharField(max_length=64)),
-                ('startup_script', models.TextField(blank=True)),
-                ('token_key_id', models.CharField(editable=False, max_length=32, unique=True)),
-                ('token_secret_hash', models.CharField(editable=False, max_length=64)),
-                ('lifecycle_state', models.CharField(choices=[('created', 'Created'), ('starting', 'Starting'), ('ready', 'Ready'), ('start_error', 'Start error'), ('shutting_down', 'Shutting down'), ('off', 'Off')], default='created', max_length=16)),
-                ('lifecycle_changed_at', models.DateTimeField(blank=True, null=True)),
-                ('ready_at', models.DateTimeField(blank=True, null=True)),
-                ('initialized_at', models.DateTimeField(blank=True, null=True)),
-                ('last_seen_at', models.DateTimeField(blank=True, null=True)),
-                ('retired_at', models.DateTimeField(blank=True, null=True)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('initialized_owner', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('workspace', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='agents', to='workspaces.workspace')),
-                ('build', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='agents', to='workspaces.workspacebuild')),
+                (
+                    "id",
+                    models.UUIDField(
+                        default=uuid.uuid4, editable=False, primary_key=True, serialize=False
+                    ),
+                ),
+                ("name", models.CharField(max_length=64)),
+                ("startup_script", models.TextField(blank=True)),
+                ("token_key_id", models.CharField(editable=False, max_length=32, unique=True)),
+                ("token_secret_hash", models.CharField(editable=False, max_length=64)),
+                (
+                    "lifecycle_state",
+                    models.CharField(
+                        choices=[
+                            ("created", "Created"),
+                            ("starting", "Starting"),
+                            ("ready", "Ready"),
+                            ("start_error", "Start error"),
+                            ("shutting_down", "Shutting down"),
+                            ("off", "Off"),
+                        ],
+                        default="created",
+                        max_length=16,
+                    ),
+                ),
+                ("lifecycle_changed_at", models.DateTimeField(blank=True, null=True)),
+                ("ready_at", models.DateTimeField(blank=True, null=True)),
+                ("initialized_at", models.DateTimeField(blank=True, null=True)),
+                ("last_seen_at", models.DateTimeField(blank=True, null=True)),
+                ("retired_at", models.DateTimeField(blank=True, null=True)),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                (
+                    "initialized_owner",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "workspace",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="agents",
+                        to="workspaces.workspace",
+                    ),
+                ),
+                (
+                    "build",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="agents",
+                        to="workspaces.workspacebuild",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['workspace', 'name'],
+                "ordering": ["workspace", "name"],
             },
         ),
         migrations.AddIndex(
-            model_name='provisionerjob',
-            index=models.Index(condition=models.Q(('status__in', ('pending', 'running', 'canceling'))), fields=['status', 'heartbeat_at'], name='job_active'),
+            model_name="provisionerjob",
+            index=models.Index(
+                condition=models.Q(("status__in", ("pending", "running", "canceling"))),
+                fields=["status", "heartbeat_at"],
+                name="job_active",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='provisionerjob',
-            constraint=models.CheckConstraint(condition=models.Q(('status__in', ['pending', 'running', 'succeeded', 'failed', 'canceling', 'canceled'])), name='job_status_valid'),
+            model_name="provisionerjob",
+            constraint=models.CheckConstraint(
+                condition=models.Q(
+                    (
+                        "status__in",
+                        ["pending", "running", "succeeded", "failed", "canceling", "canceled"],
+                    )
+                ),
+                name="job_status_valid",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='provisionerjob',
-            constraint=models.CheckConstraint(condition=models.Q(models.Q(('status__in', ('succeeded', 'failed', 'canceled')), _negated=True), ('completed_at__isnull', False), _connector='OR'), name='job_final_has_completed_at'),
+            model_name="provisionerjob",
+            constraint=models.CheckConstraint(
+                condition=models.Q(
+                    models.Q(("status__in", ("succeeded", "failed", "canceled")), _negated=True),
+                    ("completed_at__isnull", False),
+                    _connector="OR",
+                ),
+                name="job_final_has_completed_at",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='provisionerjob',
-            constraint=models.CheckConstraint(condition=models.Q(models.Q(('status', 'running'), _negated=True), ('started_at__isnull', False), _connector='OR'), name='job_running_has_started_at'),
+            model_name="provisionerjob",
+            constraint=models.CheckConstraint(
+                condition=models.Q(
+                    models.Q(("status", "running"), _negated=True),
+                    ("started_at__isnull", False),
+                    _connector="OR",
+                ),
+                name="job_running_has_started_at",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='templateversion',
-            constraint=models.UniqueConstraint(fields=('template', 'number'), name='version_number_unique'),
+            model_name="templateversion",
+            constraint=models.UniqueConstraint(
+                fields=("template", "number"), name="version_number_unique"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='templateversion',
-            constraint=models.CheckConstraint(condition=models.Q(('provisioner__in', ['local', 'command'])), name='version_provisioner_valid'),
+            model_name="templateversion",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("provisioner__in", ["local", "command"])),
+                name="version_provisioner_valid",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='template',
-            constraint=models.UniqueConstraint(condition=models.Q(('deleted', False)), fields=('organization', 'name'), name='template_name_unique_live'),
+            model_name="template",
+            constraint=models.UniqueConstraint(
+                condition=models.Q(("deleted", False)),
+                fields=("organization", "name"),
+                name="template_name_unique_live",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='templateversionpreset',
-            constraint=models.UniqueConstraint(fields=('template_version', 'name'), name='preset_name_unique'),
+            model_name="templateversionpreset",
+            constraint=models.UniqueConstraint(
+                fields=("template_version", "name"), name="preset_name_unique"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='templateversionpreset',
-            constraint=models.CheckConstraint(condition=models.Q(('prebuild_status__in', ['healthy', 'hard_limited', 'validation_failed'])), name='preset_prebuild_status_valid'),
+            model_name="templateversionpreset",
+            constraint=models.CheckConstraint(
+                condition=models.Q(
+                    ("prebuild_status__in", ["healthy", "hard_limited", "validation_failed"])
+                ),
+                name="preset_prebuild_status_valid",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='templateversionpreset',
-            constraint=models.CheckConstraint(condition=models.Q(('invalidate_after__isnull', True), ('invalidate_after__gte', datetime.timedelta(0)), _connector='OR'), name='preset_ttl_not_negative'),
+            model_name="templateversionpreset",
+            constraint=models.CheckConstraint(
+                condition=models.Q(
+                    ("invalidate_after__isnull", True),
+                    ("invalidate_after__gte", datetime.timedelta(0)),
+                    _connector="OR",
+                ),
+                name="preset_ttl_not_negative",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='presetschedule',
-            constraint=models.UniqueConstraint(fields=('preset', 'position'), name='schedule_position_unique'),
+            model_name="presetschedule",
+            constraint=models.UniqueConstraint(
+                fields=("preset", "position"), name="schedule_position_unique"
+            ),
         ),
         migrations.AddIndex(
-            model_name='workspace',
-            index=models.Index(fields=['owner', 'deleted'], name='workspace_owner_live'),
+            model_name="workspace",
+            index=models.Index(fields=["owner", "deleted"], name="workspace_owner_live"),
         ),
         migrations.AddConstraint(
-            model_name='workspace',
-            constraint=models.UniqueConstraint(condition=models.Q(('deleted', False)), fields=('owner', 'name'), name='workspace_name_unique_live'),
+            model_name="workspace",
+            constraint=models.UniqueConstraint(
+                condition=models.Q(("deleted", False)),
+                fields=("owner", "name"),
+                name="workspace_name_unique_live",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='workspacebuild',
-            constraint=models.UniqueConstraint(fields=('workspace', 'build_number'), name='build_number_unique'),
+            model_name="workspacebuild",
+            constraint=models.UniqueConstraint(
+                fields=("workspace", "build_number"), name="build_number_unique"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='workspacebuild',
-            constraint=models.CheckConstraint(condition=models.Q(('transition__in', ['start', 'stop', 'delete'])), name='build_transition_valid'),
+            model_name="workspacebuild",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("transition__in", ["start", "stop", "delete"])),
+                name="build_transition_valid",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='workspacebuild',
-            constraint=models.CheckConstraint(condition=models.Q(('reason__in', ['initiator', 'prebuild', 'claim'])), name='build_reason_valid'),
+            model_name="workspacebuild",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("reason__in", ["initiator", "prebuild", "claim"])),
+                name="build_reason_valid",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='workspacebuild',
-            constraint=models.CheckConstraint(condition=models.Q(('is_claim', False), ('transition', 'start'), _connector='OR'), name='build_claim_is_start'),
+            model_name="workspacebuild",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("is_claim", False), ("transition", "start"), _connector="OR"),
+                name="build_claim_is_start",
+            ),
         ),
         migrations.AddIndex(
-            model_name='workspaceagent',
-            index=models.Index(condition=models.Q(('retired_at__isnull', True)), fields=['workspace'], name='agent_current'),
+            model_name="workspaceagent",
+            index=models.Index(
+                condition=models.Q(("retired_at__isnull", True)),
+                fields=["workspace"],
+                name="agent_current",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='workspaceagent',
-            constraint=models.CheckConstraint(condition=models.Q(('lifecycle_state__in', ['created', 'starting', 'ready', 'start_error', 'shutting_down', 'off'])), name='agent_lifecycle_valid'),
+            model_name="workspaceagent",
+            constraint=models.CheckConstraint(
+                condition=models.Q(
+                    (
+                        "lifecycle_state__in",
+                        ["created", "starting", "ready", "start_error", "shutting_down", "off"],
+                    )
+                ),
+                name="agent_lifecycle_valid",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='workspaceagent',
-            constraint=models.UniqueConstraint(condition=models.Q(('retired_at__isnull', True)), fields=('workspace', 'name'), name='agent_name_unique_current'),
+            model_name="workspaceagent",
+            constraint=models.UniqueConstraint(
+                condition=models.Q(("retired_at__isnull", True)),
+                fields=("workspace", "name"),
+                name="agent_name_unique_current",
+            ),
         ),
     ]
