@@ -32,6 +32,10 @@ PREBUILDS_BACKOFF_LOOKBACK = timedelta(
     seconds=env.float_("PREBUILDS_BACKOFF_LOOKBACK", 3600, minimum=0)
 )
 PREBUILDS_FAILURE_HARD_LIMIT = env.int_("PREBUILDS_FAILURE_HARD_LIMIT", 3, minimum=0)
+# How often a worker running a job records a heartbeat, and how long without one before the
+# periodic sweep declares the worker lost and fails the job.
+PROVISIONER_HEARTBEAT_INTERVAL = env.float_("PROVISIONER_HEARTBEAT_INTERVAL", 2, minimum=0.1)
+PROVISIONER_HEARTBEAT_TIMEOUT = env.float_("PROVISIONER_HEARTBEAT_TIMEOUT", 60, minimum=1)
 _database_url = env.str_("DATABASE_URL", "")
 _broker_url = env.str_("CELERY_BROKER_URL", "")
 if _database_url:
@@ -178,4 +182,14 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
-CELERY_BEAT_SCHEDULE: dict = {}
+CELERY_TASK_DEFAULT_QUEUE = "default"
+CELERY_BEAT_SCHEDULE = {
+    "reconcile-prebuilds": {
+        "task": "prebuilds.reconcile",
+        "schedule": PREBUILDS_RECONCILIATION_INTERVAL,
+        # A pass that could not run in time is useless later: the next one recomputes anyway.
+        "options": {"expires": PREBUILDS_RECONCILIATION_INTERVAL},
+    },
+    "fail-stale-jobs": {"task": "workspaces.fail_stale_jobs", "schedule": 15.0},
+    "requeue-pending-jobs": {"task": "workspaces.requeue_pending_jobs", "schedule": 30.0},
+}
