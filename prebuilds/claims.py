@@ -1,0 +1,110 @@
+"""Claiming a prebuilt workspace: the reason prebuilds exist.
+
+``claim_prebuild`` hands one eligible prebuild of a preset to a user in one transaction. The
+row lock it takes (``FOR UPDATE … SKIP LOCKED``) is the same lock the reconciler takes before it
+queues a delete build, so a prebuild is either claimed or deleted, never both.
+"""
+
+from __future__ import annotations
+
+from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
+
+from accounts.models import SYSTEM_USER_ID, User
+from workspaces.models import (
+    AgentLifecycle,
+    BuildReason,
+    TemplateVersion,
+    TemplateVersionPreset,
+    Transition,
+    Workspace,
+)
+from workspaces.services import WorkspaceConflict, build_create, workspace_name_validate
+
+# One eligible prebuild of the preset, oldest first (closest to expiry), locked for us.
+# Eligible (DESIGN.md §1): owned by the system user, not deleted, latest build a succeeded start
+# of this preset on the template's active version (template not deleted), every current agent
+# ready (at least one), and not expired by invalidation or TTL. SKIP LOCKED lets concurrent
+# claims each take a different prebuild instead of queueing behind one another; a prebuild
+# the reconciler is deleting is locked by it and skipped too.
+ELIGIBLE_PREBUILD_SQL = """
+SELECT w.id, latest.template_version_id
+FROM workspaces_workspace w
+JOIN LATERAL (
+    SELECT b.template_version_id, b.preset_id, b.transition, b.job_id
+    FROM workspaces_workspacebuild b
+    WHERE b.workspace_id = w.id
+    ORDER BY b.build_number DESC
+    LIMIT 1
+) latest ON true
+JOIN workspaces_provisionerjob j ON j.id = latest.job_id
+JOIN workspaces_template t ON t.id = w.template_id
+JOIN workspaces_templateversionpreset p ON p.id = latest.preset_id
+WHERE w.owner_id = %(system)s
+  AND NOT w.deleted
+  AND latest.preset_id = %(preset)s
+  AND latest.transition = 'start'
+  AND j.status = 'succeeded'
+  AND NOT t.deleted
+  AND t.active_version_id = latest.template_version_id
+  AND (p.last_invalidated_at IS NULL OR w.created_at >= p.last_invalidated_at)
+  AND (p.invalidate_after IS NULL OR p.invalidate_after <= interval '0'
+       OR now() - w.created_at <= p.invalidate_after)
+  AND EXISTS (
+      SELECT 1 FROM workspaces_workspaceagent a
+      WHERE a.workspace_id = w.id AND a.retired_at IS NULL
+  )
+  AND NOT EXISTS (
+      SELECT 1 FROM workspaces_workspaceagent a
+      WHERE a.workspace_id = w.id AND a.retired_at IS NULL AND a.lifecycle_state <> %(ready)s
+  )
+ORDER BY w.created_at, w.id
+LIMIT 1
+FOR UPDATE OF w SKIP LOCKED
+"""
+
+
+def claim_prebuild(user: User, preset: TemplateVersionPreset, name: str) -> Workspace | None:
+    """Transfer one eligible prebuild of ``preset`` to ``user`` under ``name``.
+
+    In one transaction: lock an eligible prebuild (skipping ones locked by other claims or by
+    the reconciler), set owner, name and ``claimed_at``, and insert a ``start`` build marked as
+    a claim, initiated by ``user``. Returns the workspace, or None when no prebuild is eligible
+    (the caller then runs a normal build). Two concurrent claims never get the same workspace.
+
+    Raises ``WorkspaceError`` for a bad name and ``WorkspaceConflict`` when ``user`` already has
+    a live workspace of that name; in both cases nothing changes and the prebuild stays in the
+    pool. Membership checks are the caller's (``workspaces.creation``).
+    """
+    workspace_name_validate(name)
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(
+                ELIGIBLE_PREBUILD_SQL,
+                {"system": SYSTEM_USER_ID, "preset": preset.id, "ready": AgentLifecycle.READY},
+            )
+            row = cursor.fetchone()
+        if row is None:
+            return None
+        workspace_id, version_id = row
+        try:
+            with transaction.atomic():
+                # The row is locked by us; the owner check only documents the invariant.
+                Workspace.objects.filter(id=workspace_id, owner_id=SYSTEM_USER_ID).update(
+                    owner=user, name=name, claimed_at=timezone.now()
+                )
+        except IntegrityError:
+            raise WorkspaceConflict(
+                "name_taken", f"name: you already have a workspace named {name!r}."
+            ) from None
+        workspace = Workspace.objects.select_related("owner", "template").get(id=workspace_id)
+        build_create(
+            workspace=workspace,
+            transition=Transition.START,
+            initiator=user,
+            reason=BuildReason.CLAIM,
+            is_claim=True,
+            template_version=TemplateVersion.objects.get(id=version_id),
+            preset=preset,
+        )
+        return workspace

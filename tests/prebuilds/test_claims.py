@@ -1,0 +1,167 @@
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+from django.db import connection, transaction
+from django.utils import timezone
+
+from accounts.models import SYSTEM_USER_ID
+from prebuilds.claims import claim_prebuild
+from tests.accounts.factories import UserFactory
+from tests.workspaces.factories import PresetFactory, TemplateVersionFactory, prebuild
+from workspaces.models import Workspace, WorkspaceBuild
+from workspaces.services import WorkspaceConflict, WorkspaceError
+
+pytestmark = pytest.mark.django_db
+
+
+def test_it_transfers_an_eligible_prebuild_with_a_claim_build():
+    preset = PresetFactory()
+    pool = prebuild(preset)
+    alice = UserFactory()
+
+    workspace = claim_prebuild(alice, preset, "dev")
+
+    assert workspace.id == pool.id
+    workspace.refresh_from_db()
+    assert (workspace.owner, workspace.name) == (alice, "dev")
+    assert workspace.claimed_prebuild
+    build = workspace.builds.order_by("-build_number").first()
+    assert (build.transition, build.is_claim, build.initiator, build.reason) == (
+        "start",
+        True,
+        alice,
+        "claim",
+    )
+    assert build.preset == preset
+    assert build.job.status == "pending"
+
+
+def test_it_answers_none_when_the_pool_is_empty():
+    assert claim_prebuild(UserFactory(), PresetFactory(), "dev") is None
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda p: prebuild(p, ready=False), id="agent-not-ready"),
+        pytest.param(lambda p: prebuild(p, status="running"), id="build-running"),
+        pytest.param(lambda p: prebuild(p, status="failed"), id="build-failed"),
+        pytest.param(lambda p: prebuild(p, transition="stop"), id="stopped"),
+        pytest.param(lambda p: prebuild(p, agents=0), id="no-agents"),
+    ],
+)
+def test_it_never_claims_an_ineligible_prebuild(make):
+    preset = PresetFactory()
+    make(preset)
+
+    assert claim_prebuild(UserFactory(), preset, "dev") is None
+    assert Workspace.objects.filter(owner_id=SYSTEM_USER_ID).count() == 1
+
+
+def test_it_skips_expired_and_invalidated_prebuilds():
+    preset = PresetFactory(invalidate_after=timedelta(hours=1))
+    prebuild(preset, created_at=timezone.now() - timedelta(hours=2))
+    invalidated = prebuild(preset, created_at=timezone.now() - timedelta(minutes=10))
+    preset.last_invalidated_at = timezone.now() - timedelta(minutes=5)
+    preset.save()
+
+    assert claim_prebuild(UserFactory(), preset, "dev") is None
+
+    fresh = prebuild(preset)
+    assert claim_prebuild(UserFactory(), preset, "dev").id == fresh.id
+    assert Workspace.objects.get(id=invalidated.id).owner_id == SYSTEM_USER_ID
+
+
+def test_it_skips_prebuilds_of_a_version_that_is_no_longer_active():
+    preset = PresetFactory()
+    prebuild(preset)
+    template = preset.template_version.template
+    template.active_version = TemplateVersionFactory(template=template)
+    template.save()
+
+    assert claim_prebuild(UserFactory(), preset, "dev") is None
+
+
+def test_it_claims_the_oldest_first():
+    preset = PresetFactory()
+    prebuild(preset, created_at=timezone.now() - timedelta(minutes=1))
+    oldest = prebuild(preset, created_at=timezone.now() - timedelta(minutes=5))
+
+    assert claim_prebuild(UserFactory(), preset, "dev").id == oldest.id
+
+
+def test_a_taken_name_changes_nothing():
+    preset = PresetFactory()
+    pool = prebuild(preset)
+    alice = UserFactory()
+    Workspace.objects.create(
+        organization=pool.organization, template=pool.template, owner=alice, name="dev"
+    )
+    builds = WorkspaceBuild.objects.count()
+
+    with pytest.raises(WorkspaceConflict):
+        claim_prebuild(alice, preset, "dev")
+
+    pool.refresh_from_db()
+    assert pool.owner_id == SYSTEM_USER_ID and pool.claimed_at is None
+    assert WorkspaceBuild.objects.count() == builds
+
+
+def test_a_bad_name_changes_nothing():
+    preset = PresetFactory()
+    prebuild(preset)
+
+    with pytest.raises(WorkspaceError, match="name:"):
+        claim_prebuild(UserFactory(), preset, "Not Valid")
+
+    assert Workspace.objects.filter(owner_id=SYSTEM_USER_ID).count() == 1
+
+
+def test_a_rolled_back_claim_leaves_the_prebuild_in_the_pool():
+    preset = PresetFactory()
+    pool = prebuild(preset)
+
+    with pytest.raises(RuntimeError), transaction.atomic():
+        claim_prebuild(UserFactory(), preset, "dev")
+        raise RuntimeError("caller failed after the claim")
+
+    pool.refresh_from_db()
+    assert pool.owner_id == SYSTEM_USER_ID
+    assert pool.builds.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_fifty_concurrent_claims_on_a_pool_of_twenty_never_share_a_workspace():
+    preset = PresetFactory()
+    pool = {prebuild(preset).id for _ in range(20)}
+    users = [UserFactory() for _ in range(50)]
+    barrier = threading.Barrier(50)
+    claimed: list = []
+    misses: list = []
+    errors: list = []
+
+    def claim(user):
+        try:
+            barrier.wait()
+            workspace = claim_prebuild(user, preset, "dev")
+            (claimed if workspace else misses).append(workspace.id if workspace else user.id)
+        except Exception as exc:  # surfaced by the assertion below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=claim, args=(user,)) for user in users]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    assert len(claimed) == 20 and len(misses) == 30
+    assert set(claimed) == pool
+    owners = Workspace.objects.filter(id__in=pool).values_list("owner_id", flat=True)
+    assert len(set(owners)) == 20 and SYSTEM_USER_ID not in owners
+    assert WorkspaceBuild.objects.filter(is_claim=True).count() == 20
