@@ -91,9 +91,6 @@ class TemplateVersion(models.Model):
     def __str__(self) -> str:
         return f"{self.template.name} {self.name}"
 
-    def parameter_defaults(self) -> dict[str, str]:
-        return {p["name"]: str(p.get("default", "")) for p in self.parameters}
-
 
 class PrebuildStatus(models.TextChoices):
     HEALTHY = "healthy", "Healthy"

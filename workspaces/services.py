@@ -60,11 +60,18 @@ def workspace_name_validate(name: object) -> str:
     return name
 
 
+def parameter_text(value: object) -> str:
+    """A parameter value as the text a startup script sees (``true``/``false`` for booleans)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 def build_parameters(version: TemplateVersion, preset: TemplateVersionPreset | None) -> dict:
     """Effective parameter values: the version's defaults overlaid with the preset's values."""
-    values = version.parameter_defaults()
+    values = {p["name"]: parameter_text(p.get("default", "")) for p in version.parameters}
     if preset is not None:
-        values.update({k: str(v) for k, v in preset.parameters.items()})
+        values.update({k: parameter_text(v) for k, v in preset.parameters.items()})
     return values
 
 

@@ -156,3 +156,14 @@ def test_the_prebuild_factory_makes_an_eligible_prebuild():
     assert workspace.owner.is_system
     assert workspace.builds.get().job.status == "succeeded"
     assert workspace.agents.get().lifecycle_state == "ready"
+
+
+def test_it_gives_boolean_parameters_as_lowercase_text():
+    template = TemplateFactory(
+        with_version__parameters=[{"name": "gpu", "default": False}, {"name": "n", "default": 2}]
+    )
+    preset = PresetFactory(template_version=template.active_version, parameters={"gpu": True})
+
+    workspace = workspace_create(owner=UserFactory(), template=template, name="dev", preset=preset)
+
+    assert workspace.builds.get().parameters == {"gpu": "true", "n": "2"}

@@ -1,0 +1,358 @@
+"""``push_template`` and ``template_push``: versions, presets, activation, races, refusals."""
+
+from __future__ import annotations
+
+import io
+import threading
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.db import connection
+
+from accounts.services import organization_default
+from tests.accounts.factories import OrganizationFactory, UserFactory
+from tests.workspaces.factories import TemplateFactory
+from workspaces.models import PresetSchedule, Template, TemplateVersion, TemplateVersionPreset
+from workspaces.template_files import parse_template
+from workspaces.template_services import template_push
+
+pytestmark = pytest.mark.django_db
+
+REPOSITORY = Path(__file__).resolve().parent.parent.parent
+EXAMPLES = REPOSITORY / "examples" / "templates"
+
+TEMPLATE = '''
+name = "python-dev"
+display_name = "Python development"
+provisioner = "local"
+
+[[parameters]]
+name = "repo"
+default = "https://example.invalid/repo.git"
+description = "Repository"
+
+[[agents]]
+name = "main"
+startup_script = """
+echo "hello $WORKSPACE_OWNER"
+"""
+
+[[presets]]
+name = "standard"
+parameters = { repo = "https://example.invalid/repo.git" }
+  [presets.prebuilds]
+  instances = 3
+  ttl_seconds = 28800
+  timezone = "Europe/Berlin"
+  [[presets.prebuilds.schedule]]
+  cron = "* 8-18 * * 1-5"
+  instances = 5
+  [[presets.prebuilds.schedule]]
+  cron = "* 8-18 * * 6"
+  instances = 1
+
+[[presets]]
+name = "cold"
+'''
+
+
+def write(tmp_path: Path, text: str = TEMPLATE, name: str = "template.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def push(*args: str) -> tuple[str, str]:
+    """Run the command; return (stdout, stderr)."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    call_command("push_template", *args, stdout=stdout, stderr=stderr)
+    return stdout.getvalue(), stderr.getvalue()
+
+
+def row_counts() -> tuple[int, int, int, int]:
+    return (
+        Template.objects.count(),
+        TemplateVersion.objects.count(),
+        TemplateVersionPreset.objects.count(),
+        PresetSchedule.objects.count(),
+    )
+
+
+def refused(*args: str) -> str:
+    """Run the command expecting a refusal that writes nothing; return the error message."""
+    before = row_counts()
+    with pytest.raises(CommandError) as info:
+        push(*args)
+    assert row_counts() == before
+    return str(info.value)
+
+
+def test_it_creates_the_template_version_presets_and_schedules(tmp_path):
+    path = write(tmp_path)
+
+    stdout, stderr = push(str(path))
+
+    # Only the version id, so scripts can capture it.
+    assert stdout == f"{TemplateVersion.objects.get().id}\n"
+    assert uuid.UUID(stdout.strip())
+    assert stderr == ""
+    template = Template.objects.get()
+    version = TemplateVersion.objects.get()
+    assert template.organization == organization_default()
+    assert template.name == "python-dev"
+    assert template.display_name == "Python development"
+    assert template.active_version == version
+    assert (version.template, version.number, version.name) == (template, 1, "v1")
+    assert version.provisioner == "local"
+    assert version.provisioner_config == {}
+    assert version.parameters == [
+        {
+            "name": "repo",
+            "default": "https://example.invalid/repo.git",
+            "description": "Repository",
+        }
+    ]
+    assert version.agents == [{"name": "main", "startup_script": 'echo "hello $WORKSPACE_OWNER"\n'}]
+    assert version.source == TEMPLATE
+    assert version.created_by is None
+
+    standard = version.presets.get(name="standard")
+    assert standard.parameters == {"repo": "https://example.invalid/repo.git"}
+    assert standard.desired_instances == 3
+    assert standard.invalidate_after == timedelta(hours=8)
+    assert standard.scheduling_timezone == "Europe/Berlin"
+    assert list(standard.schedules.values_list("position", "cron", "instances")) == [
+        (0, "* 8-18 * * 1-5", 5),
+        (1, "* 8-18 * * 6", 1),
+    ]
+    cold = version.presets.get(name="cold")
+    assert cold.parameters == {}
+    assert cold.desired_instances is None
+    assert cold.invalidate_after is None
+    assert cold.scheduling_timezone == ""
+    assert not cold.schedules.exists()
+
+
+def test_a_second_push_creates_v2_and_activates_it(tmp_path):
+    push(str(write(tmp_path)))
+    changed = TEMPLATE.replace("Python development", "Python (v2)").replace(
+        "instances = 3", "instances = 4"
+    )
+
+    stdout, _ = push(str(write(tmp_path, changed)))
+
+    template = Template.objects.get()
+    v1, v2 = template.versions.order_by("number")
+    assert str(v2.id) == stdout.strip()
+    assert (v2.number, v2.name) == (2, "v2")
+    assert template.active_version == v2
+    assert template.display_name == "Python (v2)"
+    assert v2.presets.get(name="standard").desired_instances == 4
+    # The old version keeps its own presets: versions are immutable.
+    assert v1.presets.get(name="standard").desired_instances == 3
+    assert v1.source == TEMPLATE
+
+
+def test_it_leaves_the_active_version_with_no_activate(tmp_path):
+    push(str(write(tmp_path)))
+    v1 = TemplateVersion.objects.get()
+
+    stdout, _ = push(str(write(tmp_path)), "--no-activate")
+
+    template = Template.objects.get()
+    v2 = TemplateVersion.objects.get(number=2)
+    assert str(v2.id) == stdout.strip()
+    assert template.active_version == v1
+
+
+def test_a_new_template_pushed_with_no_activate_has_no_active_version(tmp_path):
+    push(str(write(tmp_path)), "--no-activate")
+
+    assert Template.objects.get().active_version is None
+    assert TemplateVersion.objects.count() == 1
+
+
+def test_it_pushes_into_another_organization(tmp_path):
+    other = OrganizationFactory(slug="acme")
+    path = write(tmp_path)
+    push(str(path))
+
+    stdout, _ = push(str(path), "--organization", "acme")
+
+    version = TemplateVersion.objects.get(id=stdout.strip())
+    assert version.template.organization == other
+    # A separate template of the same name, numbered from 1.
+    assert version.number == 1
+    assert Template.objects.filter(name="python-dev").count() == 2
+
+
+def test_it_refuses_an_unknown_organization(tmp_path):
+    message = refused(str(write(tmp_path)), "--organization", "nope")
+
+    assert "--organization: no organization with slug 'nope'" in message
+
+
+def test_it_refuses_a_bad_file_listing_every_problem_and_writes_nothing(tmp_path):
+    push(str(write(tmp_path)))  # existing rows must stay exactly as they are too
+    bad = TEMPLATE.replace("  instances = 3", "  instance = 3").replace(
+        'cron = "* 8-18 * * 6"', 'cron = "0 8 * * 6"'
+    )
+
+    message = refused(str(write(tmp_path, bad)), "--organization", "nope")
+
+    assert message.startswith(f"{tmp_path / 'template.toml'}: not pushed, 4 problems:\n")
+    assert "presets[0].prebuilds.instance: unknown key" in message
+    assert "presets[0].prebuilds.instances: required" in message
+    assert "presets[0].prebuilds.schedule[1].cron: minute field must be '*'" in message
+    assert "--organization: no organization with slug 'nope'" in message
+    assert Template.objects.get().active_version.number == 1
+
+
+def test_it_refuses_an_unreadable_file(tmp_path):
+    message = refused(str(tmp_path / "missing.toml"))
+
+    assert "missing.toml: cannot read the file: No such file or directory" in message
+
+
+def test_it_refuses_invalid_toml_naming_line_and_column(tmp_path):
+    message = refused(str(write(tmp_path, 'name = "x"\nprovisioner = "local\n')))
+
+    assert "invalid TOML:" in message
+    assert "(at line 2, column 21)" in message
+
+
+def test_it_refuses_wrong_types_without_a_traceback(tmp_path):
+    text = 'name = "x"\nprovisioner = "local"\nagents = "x"\npresets = 3\n'
+
+    message = refused(str(write(tmp_path, text)))
+
+    assert 'agents: must be an array of tables, written [[agents]] (got "x")' in message
+    assert "presets: must be an array of tables, written [[presets]] (got 3)" in message
+
+
+def test_it_stores_a_ttl_of_zero_as_no_ttl(tmp_path):
+    push(str(write(tmp_path, TEMPLATE.replace("ttl_seconds = 28800", "ttl_seconds = 0"))))
+
+    assert TemplateVersionPreset.objects.get(name="standard").invalidate_after is None
+
+
+def test_it_creates_a_new_template_when_the_old_one_is_deleted(tmp_path):
+    old = TemplateFactory(name="python-dev", deleted=True)
+
+    push(str(write(tmp_path)))
+
+    template = Template.objects.get(deleted=False)
+    assert template != old
+    assert template.active_version.number == 1
+    assert old.versions.count() == 1
+
+
+def test_it_adds_versions_to_a_template_created_elsewhere(tmp_path):
+    existing = TemplateFactory(name="python-dev")  # with an active version
+    previous = existing.active_version.number
+
+    stdout, _ = push(str(write(tmp_path)))
+
+    existing.refresh_from_db()
+    assert existing.active_version_id == uuid.UUID(stdout.strip())
+    assert existing.active_version.number == previous + 1
+
+
+def test_the_example_files_push(tmp_path):
+    ids = {}
+    for name in ("demo", "failing", "command"):
+        stdout, _ = push(str(EXAMPLES / f"{name}.toml"))
+        ids[name] = stdout.strip()
+
+    demo = TemplateVersion.objects.get(id=ids["demo"])
+    assert demo.template.name == "demo"
+    assert demo.provisioner == "local"
+    assert [agent["name"] for agent in demo.agents] == ["main"]
+    assert [p["name"] for p in demo.parameters] == ["repo"]
+    presets = {p.name: p.desired_instances for p in demo.presets.all()}
+    assert presets == {"standard": 2, "large": None}
+
+    failing = TemplateVersion.objects.get(id=ids["failing"])
+    assert "exit 1" in failing.agents[0]["startup_script"]
+    assert [p.desired_instances for p in failing.presets.all()] == [1]
+
+    command = TemplateVersion.objects.get(id=ids["command"])
+    assert command.provisioner == "command"
+    program = Path(command.provisioner_config["command"][0])
+    # Resolved against the template file's directory when pushed.
+    assert program == REPOSITORY / "examples" / "provisioners" / "dir_provisioner.py"
+    assert program.is_file()
+
+
+def test_template_push_records_the_creator():
+    user = UserFactory()
+    spec = parse_template(TEMPLATE)
+
+    version = template_push(
+        organization=organization_default(), spec=spec, source=TEMPLATE, created_by=user
+    )
+
+    assert version.created_by == user
+
+
+def test_template_push_stores_the_command():
+    text = TEMPLATE.replace(
+        'provisioner = "local"', 'provisioner = "command"\ncommand = ["tf", "apply"]'
+    )
+
+    version = template_push(
+        organization=organization_default(), spec=parse_template(text), source=text
+    )
+
+    assert version.provisioner_config == {"command": ["tf", "apply"]}
+
+
+def _push_concurrently(count: int, text: str = TEMPLATE) -> list[str]:
+    """Push ``text`` from ``count`` threads at once; return the outcomes."""
+    organization = organization_default()
+    spec = parse_template(text)
+    barrier = threading.Barrier(count)
+    outcomes: list[str] = []
+
+    def attempt():
+        try:
+            barrier.wait()
+            template_push(organization=organization, spec=spec, source=text)
+            outcomes.append("ok")
+        except Exception as exc:  # the assertion below shows what went wrong
+            outcomes.append(repr(exc))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=attempt) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcomes
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_first_pushes_create_one_template_with_distinct_versions():
+    outcomes = _push_concurrently(6)
+
+    assert outcomes == ["ok"] * 6
+    template = Template.objects.get()
+    numbers = sorted(template.versions.values_list("number", flat=True))
+    assert numbers == [1, 2, 3, 4, 5, 6]
+    assert template.active_version is not None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_pushes_of_an_existing_template_get_distinct_versions():
+    template_push(organization=organization_default(), spec=parse_template(TEMPLATE), source="")
+
+    outcomes = _push_concurrently(6)
+
+    assert outcomes == ["ok"] * 6
+    numbers = sorted(Template.objects.get().versions.values_list("number", flat=True))
+    assert numbers == [1, 2, 3, 4, 5, 6, 7]

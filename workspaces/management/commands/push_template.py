@@ -1,0 +1,56 @@
+"""``python manage.py push_template PATH [--organization SLUG] [--no-activate]`` (DESIGN.md §8).
+
+Prints the id of the new template version and nothing else, so scripts can capture it. Any
+problem (unreadable file, invalid TOML, invalid template, unknown organization) is reported all
+at once as a ``CommandError`` (exit status 1) and nothing is written.
+"""
+
+from __future__ import annotations
+
+from django.core.management.base import BaseCommand, CommandError
+
+from accounts.models import DEFAULT_ORGANIZATION_SLUG, Organization
+from workspaces.template_files import TemplateFileError, read_template_file
+from workspaces.template_services import template_push
+
+
+class Command(BaseCommand):
+    help = (
+        "Create a template (or a new version of it) from a TOML template file and print the "
+        "version id. Relative command paths in the file resolve against the file's directory."
+    )
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("path", help="the template file (TOML)")
+        parser.add_argument(
+            "--organization",
+            default=DEFAULT_ORGANIZATION_SLUG,
+            metavar="SLUG",
+            help=f"organization slug (default: {DEFAULT_ORGANIZATION_SLUG})",
+        )
+        parser.add_argument(
+            "--no-activate",
+            action="store_true",
+            help="keep the current active version; the new version is stored but not used",
+        )
+
+    def handle(self, *args, path: str, organization: str, no_activate: bool, **options) -> None:
+        problems: list[str] = []
+        spec = source = None
+        try:
+            spec, source = read_template_file(path)
+        except TemplateFileError as exc:
+            problems.extend(exc.messages)
+        found = Organization.objects.filter(slug=organization).first()
+        if found is None:
+            problems.append(f"--organization: no organization with slug {organization!r}")
+        if problems:
+            count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+            raise CommandError(
+                f"{path}: not pushed, {count}:\n" + "\n".join(f"  {p}" for p in problems)
+            )
+        assert spec is not None and source is not None and found is not None
+        version = template_push(
+            organization=found, spec=spec, source=source, activate=not no_activate
+        )
+        self.stdout.write(str(version.id))
