@@ -73,6 +73,8 @@ def _ensure_admin() -> None:
 
 
 def _children(env: dict[str, str]) -> list[tuple[str, list[str]]]:
+    from workspaces.routing import worker_queues
+
     python = sys.executable
     port = env["PORT"]
     data_dir = env["DATA_DIR"]
@@ -106,6 +108,10 @@ def _children(env: dict[str, str]) -> list[tuple[str, list[str]]]:
                 "2",
                 "--hostname",
                 f"worker@{socket.gethostname()}",
+                # `default` for first builds, and this host's queue for later builds of the
+                # local workspaces whose processes live here (workspaces.routing).
+                "--queues",
+                ",".join(worker_queues()),
             ],
         ),
         (

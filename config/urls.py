@@ -15,4 +15,5 @@ urlpatterns = [
     path("api/v2/", include("accounts.api_urls")),
     path("api/v2/", include("workspaces.api_urls")),
     path("api/v2/", include("prebuilds.api_urls")),
+    path("", include("prebuilds.metrics")),  # /metrics (Prometheus)
 ]

@@ -1,3 +1,8 @@
-from django.urls import path  # noqa: F401
+from django.urls import path
 
-urlpatterns: list = []
+from prebuilds import api_views
+
+urlpatterns = [
+    path("prebuilds/status", api_views.status, name="api-prebuilds-status"),
+    path("prebuilds/settings", api_views.settings_view, name="api-prebuilds-settings"),
+]

@@ -64,6 +64,42 @@ FOR UPDATE OF w SKIP LOCKED
 """
 
 
+# Re-checked after the lock: is the latest build still the succeeded start we selected?
+LATEST_BUILD_SQL = """
+SELECT b.transition, j.status
+FROM workspaces_workspacebuild b
+JOIN workspaces_provisionerjob j ON j.id = b.job_id
+WHERE b.workspace_id = %s
+ORDER BY b.build_number DESC
+LIMIT 1
+"""
+
+# A few rounds are plenty: each round's statement sees every build committed before it.
+LOCK_ATTEMPTS = 3
+
+
+def _lock_eligible_prebuild(preset: TemplateVersionPreset) -> tuple | None:
+    """Lock one eligible prebuild; ``(workspace_id, template_version_id)`` or None.
+
+    Race: the selecting statement judges builds by its snapshot, taken before it waits for
+    nothing (SKIP LOCKED) and locks the row. If the reconciler committed a delete build for
+    that workspace in between, FOR UPDATE re-checks the workspace row but not the builds, so we
+    re-read the latest build in a fresh statement and, if it changed, look again — a statement
+    issued now sees that build and no longer selects the workspace.
+    """
+    params = {"system": SYSTEM_USER_ID, "preset": preset.id, "ready": AgentLifecycle.READY}
+    with connection.cursor() as cursor:
+        for _ in range(LOCK_ATTEMPTS):
+            cursor.execute(ELIGIBLE_PREBUILD_SQL, params)
+            row = cursor.fetchone()
+            if row is None:
+                return None
+            cursor.execute(LATEST_BUILD_SQL, [row[0]])
+            if cursor.fetchone() == (Transition.START, "succeeded"):
+                return row
+    return None
+
+
 def claim_prebuild(user: User, preset: TemplateVersionPreset, name: str) -> Workspace | None:
     """Transfer one eligible prebuild of ``preset`` to ``user`` under ``name``.
 
@@ -78,12 +114,7 @@ def claim_prebuild(user: User, preset: TemplateVersionPreset, name: str) -> Work
     """
     workspace_name_validate(name)
     with transaction.atomic():
-        with connection.cursor() as cursor:
-            cursor.execute(
-                ELIGIBLE_PREBUILD_SQL,
-                {"system": SYSTEM_USER_ID, "preset": preset.id, "ready": AgentLifecycle.READY},
-            )
-            row = cursor.fetchone()
+        row = _lock_eligible_prebuild(preset)
         if row is None:
             return None
         workspace_id, version_id = row

@@ -5,24 +5,47 @@ whether this caller won. That is what makes two workers racing for one job safe:
 ``job_acquire`` sees a row count of 1, the other gets ``None`` and walks away. A worker also only
 completes a job it still holds (``worker`` matches and the job is running or canceling), so a
 job failed by the stale-heartbeat sweep cannot be resurrected by a worker that wakes up late.
+
+Execution (``job_execute``, called by the Celery task ``workspaces.run_provisioner_job``) runs a
+provisioner for the job's build while a background thread heartbeats; the completion and its
+side effects on the workspace (host queue, agents, deletion) commit in one transaction.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
+import traceback
 from datetime import timedelta
 from uuid import UUID
 
-from django.db import transaction
+from django.conf import settings
+from django.db import connection, transaction
 from django.db.models import F, Value
 from django.db.models.functions import Concat
 from django.utils import timezone
 
-from workspaces.models import JobStatus, ProvisionerJob
+from workspaces import provisioners, routing
+from workspaces.models import (
+    AgentLifecycle,
+    JobStatus,
+    Provisioner,
+    ProvisionerJob,
+    Transition,
+    Workspace,
+    WorkspaceAgent,
+    WorkspaceBuild,
+)
+from workspaces.provisioners import AgentSpec, ProvisionError, ProvisionRequest
 
 logger = logging.getLogger(__name__)
 
 RUN_JOB_TASK = "workspaces.run_provisioner_job"
+# A pending job older than this is re-enqueued by ``jobs_requeue_pending``: its broker message may
+# have been lost (broker restart, enqueue during an outage).
+REQUEUE_PENDING_AFTER = timedelta(seconds=30)
+REQUEUE_BATCH = 1000
 
 
 def job_enqueue(job_id: UUID, queue: str) -> None:
@@ -58,10 +81,19 @@ def job_heartbeat(job_id: UUID, *, worker: str) -> str | None:
     return ProvisionerJob.objects.values_list("status", flat=True).get(id=job_id)
 
 
-def job_append_log(job_id: UUID, text: str) -> None:
-    """Append to the job's log in the database (one UPDATE, no read-modify-write race)."""
-    if text:
-        ProvisionerJob.objects.filter(id=job_id).update(logs=Concat(F("logs"), Value(text)))
+def job_append_log(job_id: UUID, text: str, *, worker: str | None = None) -> bool:
+    """Append to the job's log in the database (one UPDATE, no read-modify-write race).
+
+    With ``worker``, only while that worker still holds the job (running or canceling): output
+    of a worker that lost its job (failed by the stale sweep) must not follow the line that says
+    the job failed. Returns whether the text was appended.
+    """
+    if not text:
+        return False
+    jobs = ProvisionerJob.objects.filter(id=job_id)
+    if worker is not None:
+        jobs = jobs.filter(worker=worker, status__in=(JobStatus.RUNNING, JobStatus.CANCELING))
+    return bool(jobs.update(logs=Concat(F("logs"), Value(text))))
 
 
 @transaction.atomic
@@ -72,6 +104,10 @@ def job_complete(
 
     Returns the finished job, or None when the job was no longer ours (failed by the stale
     sweep, or never acquired), in which case nothing changes.
+
+    When the job succeeds, the build's effects on its workspace commit in the same transaction
+    (``build_succeeded``): nobody ever sees a succeeded delete of a workspace that is not
+    deleted, or a succeeded local start without the host queue that later builds need.
     """
     job = (
         ProvisionerJob.objects.select_for_update()
@@ -88,6 +124,12 @@ def job_complete(
     job.error = "" if job.status == JobStatus.SUCCEEDED else (error or job.error)
     job.completed_at = now
     job.save(update_fields=["status", "error", "completed_at", "canceled_at"])
+    if job.status == JobStatus.SUCCEEDED:
+        build = (
+            WorkspaceBuild.objects.select_related("template_version").filter(job_id=job.id).first()
+        )
+        if build is not None:
+            build_succeeded(build)
     return job
 
 
@@ -137,3 +179,326 @@ def jobs_fail_stale(*, timeout: timedelta) -> list[UUID]:
             logger.warning("job_failed_stale job=%s timeout=%s", job_id, timeout)
             failed.append(job_id)
     return failed
+
+
+def jobs_requeue_pending(*, older_than: timedelta = REQUEUE_PENDING_AFTER) -> list[UUID]:
+    """Re-enqueue pending jobs created more than ``older_than`` ago; return their ids.
+
+    A pending job this old has most likely lost its broker message (broker restart, enqueue
+    during an outage), and a lost message must not lose a build. If the message was merely
+    waiting behind a busy worker, the job is now delivered twice: harmless, because
+    ``job_acquire`` lets exactly one delivery win and the others return at once.
+    """
+    cutoff = timezone.now() - older_than
+    pending = list(
+        ProvisionerJob.objects.filter(status=JobStatus.PENDING, created_at__lt=cutoff)
+        .order_by("created_at")
+        .values_list("id", "queue")[:REQUEUE_BATCH]
+    )
+    for job_id, queue in pending:
+        job_enqueue(job_id, queue)
+    if pending:
+        logger.info("jobs_requeued count=%d", len(pending))
+    return [job_id for job_id, _ in pending]
+
+
+# --- Completion side effects ---------------------------------------------------------------
+
+
+def build_succeeded(build: WorkspaceBuild) -> None:
+    """Apply a succeeded build to its workspace. Runs inside ``job_complete``'s transaction.
+
+    - start of a ``local`` workspace: the workspace records this host's queue, so its later
+      builds run where its processes are;
+    - claim (a start that keeps the running agents): ``on_claim_build_succeeded``;
+    - stop: the current agents are ``off``;
+    - delete: the workspace is deleted and its agents retired (their tokens stop working).
+    """
+    from workspaces.services import agents_retire  # services imports this module
+
+    now = timezone.now()
+    workspace_id = build.workspace_id
+    if build.transition == Transition.START:
+        if build.template_version.provisioner == Provisioner.LOCAL:
+            Workspace.objects.filter(id=workspace_id).update(
+                host_queue=routing.host_queue(), updated_at=now
+            )
+        if build.is_claim:
+            on_claim_build_succeeded(build)
+    elif build.transition == Transition.STOP:
+        _agents_off(workspace_id, now)
+    elif build.transition == Transition.DELETE:
+        _agents_off(workspace_id, now)
+        Workspace.objects.filter(id=workspace_id).update(deleted=True, updated_at=now)
+        agents_retire(workspace=Workspace(id=workspace_id))
+
+
+def on_claim_build_succeeded(build: WorkspaceBuild) -> None:
+    """A claim build succeeded; called inside its completion transaction.
+
+    The agents keep running and must re-initialise for the new owner. The notification is
+    queued in this transaction, so it is delivered exactly when the claim build commits as
+    succeeded, and never for a claim build that failed or rolled back (DESIGN.md §6).
+    """
+    from workspaces.reinit import notify_reinit
+
+    owner_id = Workspace.objects.values_list("owner_id", flat=True).get(id=build.workspace_id)
+    notify_reinit(workspace_id=build.workspace_id, owner_id=owner_id)
+
+
+def _agents_off(workspace_id: UUID, now) -> None:
+    WorkspaceAgent.objects.filter(workspace_id=workspace_id, retired_at__isnull=True).exclude(
+        lifecycle_state=AgentLifecycle.OFF
+    ).update(lifecycle_state=AgentLifecycle.OFF, lifecycle_changed_at=now)
+
+
+# --- Execution -----------------------------------------------------------------------------
+
+
+def job_prepare(build: WorkspaceBuild, *, worker: str) -> ProvisionRequest | None:
+    """Prepare the provisioner request of a job ``worker`` holds; None if it no longer holds it.
+
+    In one transaction, with the job row locked (race: the stale sweep or a cancel may have
+    changed the job since it was acquired; agents are only replaced while we hold it):
+
+    - a non-claim start retires the workspace's current agents and creates one agent per
+      ``version.agents`` entry with a fresh token. The plain tokens exist only in the returned
+      request (the database keeps hashes). They are committed before the provisioner runs
+      because the new agents authenticate as soon as they start;
+    - a start of a ``local`` workspace records this host's queue *before* any process is
+      started: if this worker dies mid-build, the failed build still points later builds (a
+      stop or delete that must find the processes) at the host that may hold them.
+    """
+    from workspaces.services import agent_create, agents_retire  # services imports this module
+
+    version = build.template_version
+    with transaction.atomic():
+        held = (
+            ProvisionerJob.objects.select_for_update()
+            .filter(id=build.job_id, worker=worker, status=JobStatus.RUNNING)
+            .exists()
+        )
+        if not held:
+            return None
+        # Owner and name as committed now, not as they were when the build row was read.
+        workspace = Workspace.objects.select_related("owner").get(id=build.workspace_id)
+        if build.transition == Transition.START and not build.is_claim:
+            agents_retire(workspace=workspace)
+            specs = []
+            for entry in version.agents:
+                agent, token = agent_create(
+                    build=build,
+                    name=entry["name"],
+                    startup_script=entry.get("startup_script", ""),
+                )
+                specs.append(AgentSpec(agent.name, agent.startup_script, token))
+        else:
+            specs = [
+                AgentSpec(agent.name, agent.startup_script, None)
+                for agent in WorkspaceAgent.objects.filter(
+                    workspace=workspace, retired_at__isnull=True
+                ).order_by("name")
+            ]
+        if build.transition == Transition.START and version.provisioner == Provisioner.LOCAL:
+            Workspace.objects.filter(id=workspace.id).update(
+                host_queue=routing.host_queue(), updated_at=timezone.now()
+            )
+    owner = workspace.owner
+    return ProvisionRequest(
+        transition=build.transition,
+        is_claim=build.is_claim,
+        workspace_id=str(workspace.id),
+        workspace_name=workspace.name,
+        owner_id=str(owner.id),
+        owner_username=owner.username,
+        is_prebuild=owner.is_system,
+        access_url=settings.ACCESS_URL,
+        parameters=dict(build.parameters),
+        agents=tuple(specs),
+        provisioner_config=dict(version.provisioner_config),
+        build_id=str(build.id),
+        build_number=build.build_number,
+        template_version_id=str(version.id),
+    )
+
+
+def job_execute(job_id: UUID, *, worker: str) -> ProvisionerJob | None:
+    """Run one provisioner job to its end; None when this worker did not get (or lost) it.
+
+    Guarantees:
+
+    - **At most one execution.** The job is acquired with a conditional update: of any number of
+      deliveries of the same job (duplicate messages, re-enqueues, two workers), exactly one
+      runs the provisioner; the others, and any delivery of a running or final job, return None
+      at once without touching anything.
+    - **Never left running.** Once acquired, every path ends in ``job_complete``: success,
+      ``ProvisionError`` (its message in ``error``), any other exception (its type and message
+      in ``error``, the traceback's last line in the log), even ``SystemExit`` of a shutting-down
+      worker. Only if the database itself is unreachable does the job stay running; its
+      heartbeat stops, and the stale sweep fails it.
+    - **Heartbeats and cancellation.** A background thread records a heartbeat every
+      ``PROVISIONER_HEARTBEAT_INTERVAL`` seconds. When the answer is ``canceling`` (a user
+      canceled) or None (the job is no longer ours: the sweep failed it), the provisioner is told
+      to abort; a canceled job ends canceled, a lost one is left as the sweep made it.
+    - **Live log.** Provisioner output reaches the job log in small batches (about four a
+      second) while the job runs, and only while this worker still holds the job.
+    """
+    if job_acquire(job_id, worker=worker) is None:
+        logger.info("job_not_acquired job=%s worker=%s (taken or final)", job_id, worker)
+        return None
+    logger.info("job_started job=%s worker=%s", job_id, worker)
+    sink = _LogSink(job_id, worker)
+    heartbeat = _Heartbeat(job_id, worker, settings.PROVISIONER_HEARTBEAT_INTERVAL)
+    heartbeat.start()
+    succeeded, error = False, ""
+    interrupted: BaseException | None = None
+    try:
+        build = WorkspaceBuild.objects.select_related(
+            "workspace", "workspace__owner", "template_version"
+        ).get(job_id=job_id)
+        provisioner = provisioners.provisioner_for(
+            build.template_version.provisioner, data_dir=settings.DATA_DIR
+        )
+        request = job_prepare(build, worker=worker)
+        if request is None:
+            raise ProvisionError("the job was canceled or lost before it started")
+        sink.line(
+            f"{build.transition}{' (claim)' if build.is_claim else ''} of workspace "
+            f"{request.workspace_name} with the {provisioner.kind} provisioner on {worker}"
+        )
+
+        def should_abort() -> bool:
+            sink.flush_if_due()  # the provisioner polls this often: a good moment to flush
+            return heartbeat.abort.is_set()
+
+        provisioner.apply(request, sink.line, should_abort)
+        succeeded = True
+        sink.line(f"{build.transition} succeeded")
+    except ProvisionError as exc:
+        error = str(exc)
+        sink.line(f"error: {exc}")
+    except Exception as exc:
+        logger.exception("job_crashed job=%s worker=%s", job_id, worker)
+        error = f"{type(exc).__name__}: {exc}"
+        sink.line(traceback.format_exception_only(exc)[-1].rstrip())
+    except BaseException as exc:  # SystemExit / KeyboardInterrupt of a worker shutting down
+        interrupted = exc
+        error = f"The worker was interrupted ({type(exc).__name__})."
+        sink.line(error)
+    finally:
+        heartbeat.stop()
+    try:
+        sink.flush()
+        job = _complete_retrying(job_id, worker=worker, succeeded=succeeded, error=error)
+    finally:
+        if interrupted is not None:
+            raise interrupted
+    if job is None:
+        logger.warning("job_lost job=%s worker=%s (failed by the stale sweep?)", job_id, worker)
+    else:
+        logger.info("job_finished job=%s worker=%s status=%s", job_id, worker, job.status)
+    return job
+
+
+def _complete_retrying(
+    job_id: UUID, *, worker: str, succeeded: bool, error: str, attempts: int = 3
+) -> ProvisionerJob | None:
+    # A database blip at the very end must not leave the job running until the stale sweep;
+    # a few quick retries on a fresh connection cover a restarted server or a dropped socket.
+    for attempt in range(1, attempts + 1):
+        try:
+            return job_complete(job_id, worker=worker, succeeded=succeeded, error=error)
+        except Exception:
+            if attempt == attempts:
+                raise
+            logger.exception("job_complete_failed job=%s attempt=%d; retrying", job_id, attempt)
+            connection.close()
+            time.sleep(0.5 * attempt)
+    return None
+
+
+class _LogSink:
+    """Buffers provisioner output and appends it to the job log in batches.
+
+    Only the executing thread uses it (the provisioner contract), so it needs no lock. The log
+    is capped: a runaway command must not fill the database.
+    """
+
+    FLUSH_INTERVAL = 0.25
+    FLUSH_BYTES = 32 * 1024
+    LIMIT = 1024 * 1024
+
+    def __init__(self, job_id: UUID, worker: str) -> None:
+        self.job_id, self.worker = job_id, worker
+        self.buffer: list[str] = []
+        self.buffered = 0
+        self.written = 0
+        self.truncated = False
+        self.last_flush = time.monotonic()
+
+    def line(self, text: str) -> None:
+        if self.truncated:
+            return
+        for part in text.splitlines() or [""]:
+            if self.written + self.buffered + len(part) + 1 > self.LIMIT:
+                if not self.truncated:
+                    self.truncated = True
+                    self.buffer.append("[log truncated: further output is not kept]\n")
+                break
+            self.buffer.append(part + "\n")
+            self.buffered += len(part) + 1
+        self.flush_if_due()
+
+    def flush_if_due(self) -> None:
+        if self.buffer and (
+            self.buffered >= self.FLUSH_BYTES
+            or time.monotonic() - self.last_flush >= self.FLUSH_INTERVAL
+        ):
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            job_append_log(self.job_id, "".join(self.buffer), worker=self.worker)
+            self.written += self.buffered
+            self.buffer, self.buffered = [], 0
+        self.last_flush = time.monotonic()
+
+
+class _Heartbeat:
+    """Records the job's heartbeat from a thread of its own while the provisioner runs.
+
+    Sets ``abort`` when the job is canceling or no longer ours. Keeps beating after that (a
+    canceling job must not look dead while the provisioner cleans up). Uses, and closes, its own
+    database connection: Django connections are per thread.
+    """
+
+    def __init__(self, job_id: UUID, worker: str, interval: float) -> None:
+        self.job_id, self.worker, self.interval = job_id, worker, interval
+        self.abort = threading.Event()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped.wait(self.interval):
+                try:
+                    status = job_heartbeat(self.job_id, worker=self.worker)
+                except Exception:
+                    # A database blip: keep trying. If it lasts, the sweep fails the job and the
+                    # next successful beat answers None, which aborts the provisioner.
+                    logger.exception("job_heartbeat_failed job=%s", self.job_id)
+                    connection.close()  # reconnect on the next beat
+                    continue
+                if status is None or status == JobStatus.CANCELING:
+                    if not self.abort.is_set():
+                        logger.info("job_abort job=%s status=%s", self.job_id, status)
+                    self.abort.set()
+        finally:
+            connection.close()

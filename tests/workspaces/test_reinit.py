@@ -17,7 +17,7 @@ from tests.processes import asgi_server
 from tests.workspaces.factories import PresetFactory, prebuild
 from workspaces import jobs
 from workspaces.models import WorkspaceAgent
-from workspaces.reinit import CHANNEL, notify_reinit
+from workspaces.reinit import CHANNEL
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -37,13 +37,11 @@ def _prebuilt_agent():
 
 
 def _complete_latest_build(workspace) -> None:
-    """Run the claim build's job to success the way a worker completes it."""
+    """Complete the claim build's job the way a worker does (this sends the notification)."""
     job_id = workspace.builds.order_by("-build_number").first().job_id
-    with transaction.atomic():
-        assert jobs.job_acquire(job_id, worker="test")
-        job = jobs.job_complete(job_id, worker="test", succeeded=True)
-        assert job.status == "succeeded"
-        notify_reinit(workspace_id=workspace.id, owner_id=workspace.owner_id)
+    assert jobs.job_acquire(job_id, worker="test")
+    job = jobs.job_complete(job_id, worker="test", succeeded=True)
+    assert job.status == "succeeded"
 
 
 def _get(server, agent, wait=0, **headers):
@@ -125,8 +123,8 @@ def test_a_rolled_back_claim_sends_nothing(server):
     listener.execute(f"LISTEN {CHANNEL}")
 
     with pytest.raises(RuntimeError), transaction.atomic():
-        claim_prebuild(UserFactory(), workspace.builds.get().preset, "dev")
-        notify_reinit(workspace_id=workspace.id, owner_id=workspace.owner_id)
+        claimed = claim_prebuild(UserFactory(), workspace.builds.get().preset, "dev")
+        _complete_latest_build(claimed)  # even a completed claim build, inside the rollback
         raise RuntimeError("rolled back")
 
     assert list(listener.notifies(timeout=0.5)) == []
@@ -224,3 +222,18 @@ def _params():
     from workspaces.reinit import _listen_params
 
     return _listen_params()
+
+
+def test_a_failed_claim_build_sends_nothing(server):
+    workspace, agent = _prebuilt_agent()
+    claim_prebuild(UserFactory(), workspace.builds.get().preset, "dev")
+    listener = psycopg.connect(**_params(), autocommit=True)
+    listener.execute(f"LISTEN {CHANNEL}")
+    job_id = workspace.builds.order_by("-build_number").first().job_id
+
+    assert jobs.job_acquire(job_id, worker="test")
+    jobs.job_complete(job_id, worker="test", succeeded=False, error="boom")
+
+    assert list(listener.notifies(timeout=0.5)) == []
+    listener.close()
+    assert _get(server, agent, wait=0).status_code == 204

@@ -1,0 +1,134 @@
+"""`python -m benchmarks [--quick] --json`: the measurements of DESIGN.md section 10.
+
+The harness creates a scratch database (`warmstart_bench`) on the same PostgreSQL server the
+project uses (`DATABASE_URL`, else the embedded server under `DATA_DIR`), migrates it, runs
+every measurement module against it, and drops it at the end, so a benchmark never touches
+real data. Each module in `MODULES` has `run(*, quick: bool) -> dict` and answers some of the
+contract's keys; keys no module answers yet are reported as null.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRATCH_DATABASE = "warmstart_bench"
+
+# Measurement modules, run in this order; later issues add `benchmarks.claim`, `benchmarks.reinit`.
+MODULES = ("benchmarks.reconcile",)
+
+CONTRACT_KEYS = (
+    "claim_ready_p50_ms",
+    "cold_ready_p50_ms",
+    "ready_speedup",
+    "claim_api_p50_ms",
+    "claim_api_p99_ms",
+    "double_claims",
+    "reinit_delivery_p99_ms",
+    "reinit_waiters",
+    "reconcile_pass_ms",
+    "reconcile_presets",
+    "reconcile_workspaces",
+    "reconcile_queries",
+    "claim_floor_p50_ms",
+    "notify_floor_p99_ms",
+    "machine",
+    "database",
+)
+
+
+def server_url() -> str:
+    """A URL of the project's PostgreSQL server (its own database name is replaced later)."""
+    url = os.environ.get("DATABASE_URL", "")
+    if url:
+        return url
+    from config import embedded
+
+    data_dir = Path(os.environ.get("DATA_DIR", ".data"))
+    if not data_dir.is_absolute():
+        data_dir = ROOT / data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return embedded.database_url(data_dir)
+
+
+def _with_database(url: str, name: str) -> str:
+    return urlsplit(url)._replace(path=f"/{name}").geturl()
+
+
+def _admin_connect(url: str):
+    """An autocommit psycopg connection to the server's `postgres` database."""
+    import dj_database_url
+    import psycopg
+
+    params = dj_database_url.parse(url)
+    return psycopg.connect(
+        dbname="postgres",
+        user=params.get("USER") or None,
+        password=params.get("PASSWORD") or None,
+        host=params.get("HOST") or None,
+        port=params.get("PORT") or None,
+        autocommit=True,
+    )
+
+
+@contextmanager
+def scratch_database() -> Iterator[str]:
+    """Create (fresh) and migrate the scratch database, point Django at it; drop it at the end."""
+    base = server_url()
+    with _admin_connect(base) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{SCRATCH_DATABASE}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{SCRATCH_DATABASE}"')
+    url = _with_database(base, SCRATCH_DATABASE)
+    os.environ["DATABASE_URL"] = url
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+    try:
+        import django
+        from django.core.management import call_command
+
+        django.setup()
+        call_command("migrate", verbosity=0)
+        yield url
+    finally:
+        from django.db import connections
+
+        connections.close_all()
+        with _admin_connect(base) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{SCRATCH_DATABASE}" WITH (FORCE)')
+
+
+def machine_info() -> dict[str, Any]:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "cpu_model": model}
+
+
+def database_info() -> str:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW server_version")
+        return f"PostgreSQL {cursor.fetchone()[0]}"
+
+
+def run(*, quick: bool) -> dict[str, Any]:
+    """Run every module in a scratch database; answer the contract's keys (null when unmeasured)."""
+    results: dict[str, Any] = dict.fromkeys(CONTRACT_KEYS)
+    with scratch_database():
+        results["machine"] = machine_info()
+        results["database"] = database_info()
+        for name in MODULES:
+            results.update(importlib.import_module(name).run(quick=quick))
+    return results

@@ -1,0 +1,259 @@
+"""Prometheus metrics of the prebuild pools, served at `/metrics`.
+
+A custom collector reads the database at scrape time (six queries, whatever the scale), so
+every web process answers the same numbers and no process has to have run the reconciler:
+passes run in Celery workers, scrapes hit web processes.
+
+- Counters come from the build history: `created` counts prebuild start builds (initiator the
+  system user, reason `prebuild`), `failed` those whose job failed, `claimed` workspaces with
+  `claimed_at` set, by the preset of their first build. Rows are never removed (a deleted
+  workspace is only flagged), so the counts only grow.
+- Gauges `desired`/`running`/`eligible` are the figures of the latest pass that held the lock
+  (`ReconciliationPass.preset_counts`): the reconciler already computed them at one `now`,
+  and re-deriving them per scrape would cost a full snapshot.
+- `prebuilds_reconciliation_duration_seconds` is a *gauge histogram* of the passes of the last
+  hour, built from `ReconciliationPass` rows. A process-local `Histogram` would only be seen by
+  the worker process that ran the passes, never by the web process being scraped. Because the
+  window slides, its buckets can go down; the gauge-histogram type says exactly that (the text
+  format writes it as `histogram` with `_bucket`/`_gsum`/`_gcount` samples), so use
+  `histogram_quantile` on the buckets as they are, not on `rate()`.
+
+Labels are organization, template and preset *names*; presets of the same name on several
+versions of a template are summed into one series.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from datetime import timedelta
+from typing import Any
+
+from django.db import connection
+from django.http import HttpRequest, HttpResponse
+from django.urls import path
+from django.utils import timezone
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeHistogramMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from accounts import tokens
+from accounts.models import SYSTEM_USER_ID
+from prebuilds.models import ReconciliationPass
+from prebuilds.selectors import reconciliation_paused
+from workspaces.models import PrebuildStatus
+
+LABELS = ("organization", "template", "preset")
+DURATION_WINDOW = timedelta(hours=1)
+DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+Labels = tuple[str, str, str]
+
+_NAMES = """
+  JOIN workspaces_templateversionpreset p ON p.id = {preset}
+  JOIN workspaces_templateversion v ON v.id = p.template_version_id
+  JOIN workspaces_template t ON t.id = v.template_id
+  JOIN accounts_organization o ON o.id = t.organization_id
+"""
+
+# Prebuild creations and failures per preset name.
+_CREATED_SQL = (
+    """
+SELECT o.name, t.name, p.name, COUNT(*), COUNT(*) FILTER (WHERE j.status = 'failed')
+  FROM workspaces_workspacebuild b
+  JOIN workspaces_provisionerjob j ON j.id = b.job_id
+"""
+    + _NAMES.format(preset="b.preset_id")
+    + """
+ WHERE b.initiator_id = %(system_user)s AND b.reason = 'prebuild' AND b.transition = 'start'
+ GROUP BY o.name, t.name, p.name
+"""
+)
+
+# Claimed workspaces by the preset of their first build (the prebuild build).
+_CLAIMED_SQL = (
+    """
+SELECT o.name, t.name, p.name, COUNT(*)
+  FROM workspaces_workspace w
+  JOIN workspaces_workspacebuild b ON b.workspace_id = w.id AND b.build_number = 1
+"""
+    + _NAMES.format(preset="b.preset_id")
+    + """
+ WHERE w.claimed_at IS NOT NULL
+ GROUP BY o.name, t.name, p.name
+"""
+)
+
+# Names and status of the presets of the latest pass, plus every hard-limited preset.
+_PRESETS_SQL = """
+SELECT p.id, o.name, t.name, p.name, p.prebuild_status
+  FROM workspaces_templateversionpreset p
+  JOIN workspaces_templateversion v ON v.id = p.template_version_id
+  JOIN workspaces_template t ON t.id = v.template_id
+  JOIN accounts_organization o ON o.id = t.organization_id
+ WHERE p.id = ANY(%(ids)s::uuid[]) OR p.prebuild_status = %(hard_limited)s
+"""
+
+
+def _rows(sql: str, params: dict[str, Any]) -> list[tuple]:
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall()
+
+
+def _sum_by_labels(rows: Iterable[tuple[Labels, float]]) -> dict[Labels, float]:
+    totals: dict[Labels, float] = defaultdict(float)
+    for labels, value in rows:
+        totals[labels] += value
+    return totals
+
+
+class PrebuildsCollector(Collector):
+    """Reads the prebuild metrics from the database on every `collect` (six queries)."""
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._history()
+        yield from self._pool()
+        paused = GaugeMetricFamily(
+            "prebuilds_reconciliation_paused", "1 when the reconciler is paused by an operator."
+        )
+        paused.add_metric([], 1.0 if reconciliation_paused() else 0.0)
+        yield paused
+        yield self._durations()
+
+    def _history(self) -> Iterator[Metric]:
+        params = {"system_user": SYSTEM_USER_ID}
+        created_rows = _rows(_CREATED_SQL, params)
+        created = CounterMetricFamily(
+            "prebuilt_workspaces_created", "Prebuilt workspaces created.", labels=LABELS
+        )
+        failed = CounterMetricFamily(
+            "prebuilt_workspaces_failed", "Prebuilt workspaces that failed to build.", labels=LABELS
+        )
+        for labels, value in _sum_by_labels((tuple(r[:3]), r[3]) for r in created_rows).items():
+            created.add_metric(labels, value)
+        for labels, value in _sum_by_labels((tuple(r[:3]), r[4]) for r in created_rows).items():
+            failed.add_metric(labels, value)
+        claimed = CounterMetricFamily(
+            "prebuilt_workspaces_claimed", "Prebuilt workspaces claimed by users.", labels=LABELS
+        )
+        claimed_rows = _rows(_CLAIMED_SQL, {})
+        for labels, value in _sum_by_labels((tuple(r[:3]), r[3]) for r in claimed_rows).items():
+            claimed.add_metric(labels, value)
+        yield from (created, failed, claimed)
+
+    def _pool(self) -> Iterator[Metric]:
+        latest = (
+            ReconciliationPass.objects.filter(lock_acquired=True)
+            .order_by("-started_at")
+            .values_list("preset_counts", flat=True)
+            .first()
+        ) or {}
+        rows = _rows(
+            _PRESETS_SQL, {"ids": list(latest), "hard_limited": PrebuildStatus.HARD_LIMITED}
+        )
+        families = {
+            name: GaugeMetricFamily(f"prebuilt_workspaces_{name}", help_text, labels=LABELS)
+            for name, help_text in (
+                ("desired", "Prebuilt workspaces the pool wants (latest pass)."),
+                ("running", "Running prebuilt workspaces (latest pass)."),
+                ("eligible", "Prebuilt workspaces ready to be claimed (latest pass)."),
+            )
+        }
+        values: dict[str, list[tuple[Labels, float]]] = defaultdict(list)
+        hard_limited: list[tuple[Labels, float]] = []
+        for preset_id, *names, status in rows:
+            labels = (names[0], names[1], names[2])
+            counts = latest.get(str(preset_id))
+            if counts is not None:
+                for name, value in zip(("desired", "running", "eligible"), counts, strict=True):
+                    values[name].append((labels, value))
+            hard_limited.append((labels, 1.0 if status == PrebuildStatus.HARD_LIMITED else 0.0))
+        for name, family in families.items():
+            for labels, value in _sum_by_labels(values[name]).items():
+                family.add_metric(labels, value)
+            yield family
+        limited = GaugeMetricFamily(
+            "prebuilt_workspaces_preset_hard_limited",
+            "1 when the preset hit the prebuild failure hard limit.",
+            labels=LABELS,
+        )
+        # max, not sum: a name is hard-limited when any of its versions' presets is.
+        merged: dict[Labels, float] = {}
+        for labels, value in hard_limited:
+            merged[labels] = max(merged.get(labels, 0.0), value)
+        for labels, value in merged.items():
+            limited.add_metric(labels, value)
+        yield limited
+
+    def _durations(self) -> Metric:
+        since = timezone.now() - DURATION_WINDOW
+        columns = ", ".join(
+            f"COUNT(*) FILTER (WHERE duration_seconds <= {bound!r})" for bound in DURATION_BUCKETS
+        )
+        row = _rows(
+            f"SELECT COUNT(*), COALESCE(SUM(duration_seconds), 0), {columns} "
+            "FROM prebuilds_reconciliationpass WHERE lock_acquired AND started_at >= %(since)s",
+            {"since": since},
+        )[0]
+        count, total, cumulative = row[0], row[1], row[2:]
+        buckets = [
+            (repr(bound), value) for bound, value in zip(DURATION_BUCKETS, cumulative, strict=True)
+        ]
+        buckets.append(("+Inf", count))
+        return GaugeHistogramMetricFamily(
+            "prebuilds_reconciliation_duration_seconds",
+            "Durations of the reconciliation passes of the last hour.",
+            buckets=buckets,
+            gsum_value=float(total),
+        )
+
+
+registry = CollectorRegistry(auto_describe=False)
+registry.register(PrebuildsCollector())
+
+
+def _authorized(request: HttpRequest) -> int | None:
+    """None when the caller may scrape; else the HTTP status to answer (401 or 403).
+
+    `METRICS_TOKEN` is read at each request, so rotating it needs no restart. A request that
+    sends `Authorization` is judged by the token alone; without a configured token only staff
+    sessions get in.
+    """
+    header = request.headers.get("Authorization")
+    if header is not None:
+        expected = os.environ.get("METRICS_TOKEN", "")
+        presented = tokens.bearer(header)
+        if expected and presented and hmac.compare_digest(presented, expected):
+            return None
+        return 401
+    user = getattr(request, "user", None)
+    if user is None or not user.is_authenticated:
+        return 401
+    return None if user.is_staff else 403
+
+
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    """Prometheus text exposition for staff sessions or `Authorization: Bearer $METRICS_TOKEN`."""
+    status = _authorized(request)
+    if status is not None:
+        response = HttpResponse(
+            "unauthorized\n" if status == 401 else "forbidden\n",
+            status=status,
+            content_type="text/plain",
+        )
+        if status == 401:
+            response["WWW-Authenticate"] = 'Bearer realm="metrics"'
+        return response
+    return HttpResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+
+
+# Included from config/urls.py at the root, so the path is exactly `/metrics`.
+urlpatterns = [path("metrics", metrics_view, name="metrics")]

@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+import io
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from accounts.models import SYSTEM_USER_ID
+from prebuilds.models import ReconciliationPass
+from tests.processes import ROOT, process_env
+from tests.workspaces.factories import PresetFactory, prebuild
+from workspaces.models import Workspace
+
+STATE_KEYS = {
+    "actual",
+    "desired",
+    "eligible",
+    "expired",
+    "extraneous",
+    "starting",
+    "stopping",
+    "deleting",
+}
+PRESET_KEYS = {
+    "preset_id",
+    "template_id",
+    "template_version_id",
+    "preset",
+    "template",
+    "template_version",
+    "organization",
+    "active",
+    "status",
+    "state",
+    "actions",
+}
+
+
+def run(*args: str) -> str:
+    out = io.StringIO()
+    call_command("reconcile_prebuilds", *args, stdout=out)
+    return out.getvalue()
+
+
+@pytest.mark.django_db
+def test_it_prints_the_dry_run_document():
+    preset = PresetFactory(desired_instances=3)
+    running = prebuild(preset)
+    template = preset.template_version.template
+
+    document = json.loads(run("--dry-run", "--json"))
+
+    assert set(document) == {"paused", "lock_acquired", "presets"}
+    assert (document["paused"], document["lock_acquired"]) == (False, True)
+    [entry] = document["presets"]
+    assert set(entry) == PRESET_KEYS
+    assert entry == {
+        "preset_id": str(preset.id),
+        "template_id": str(template.id),
+        "template_version_id": str(preset.template_version_id),
+        "preset": preset.name,
+        "template": template.name,
+        "template_version": preset.template_version.name,
+        "organization": template.organization.name,
+        "active": True,
+        "status": "healthy",
+        "state": {
+            "actual": 1,
+            "desired": 3,
+            "eligible": 1,
+            "expired": 0,
+            "extraneous": 0,
+            "starting": 0,
+            "stopping": 0,
+            "deleting": 0,
+        },
+        "actions": [{"type": "create", "count": 2}],
+    }
+    assert set(entry["state"]) == STATE_KEYS
+    assert list(Workspace.objects.filter(owner_id=SYSTEM_USER_ID)) == [running]
+
+
+@pytest.mark.django_db
+def test_it_runs_one_pass_and_prints_a_summary():
+    preset = PresetFactory(desired_instances=2)
+
+    output = run()
+
+    assert "pass: 1 presets, 2 actions taken, 0 errors" in output
+    assert preset.name in output and "create 2" in output
+    assert Workspace.objects.filter(owner_id=SYSTEM_USER_ID).count() == 2
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "nan", "inf"])
+def test_it_refuses_a_bad_interval_naming_the_option(value):
+    with pytest.raises(CommandError, match="--interval"):
+        call_command("reconcile_prebuilds", "--loop", "--interval", value)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_loop_runs_passes_and_exits_cleanly_on_sigterm():
+    PresetFactory(desired_instances=1)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "manage.py",
+            "reconcile_prebuilds",
+            "--loop",
+            "--interval",
+            "0.2",
+            "--json",
+        ],
+        cwd=ROOT,
+        env=process_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while ReconciliationPass.objects.count() < 3:
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the loop did not run three passes"
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert process.returncode == 0, stderr
+    documents = [json.loads(line) for line in stdout.splitlines()]
+    assert len(documents) >= 3
+    assert documents[0]["presets"][0]["actions"] == [{"type": "create", "count": 1}]
+    assert documents[-1]["presets"][0]["actions"] == []  # the pool was filled once
+    assert Workspace.objects.filter(owner_id=SYSTEM_USER_ID).count() == 1
+    assert "stopped" in stderr

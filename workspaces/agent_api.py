@@ -1,0 +1,127 @@
+"""Agent endpoints of the JSON API (DESIGN.md §7): manifest and lifecycle.
+
+Agents authenticate with ``Authorization: Bearer <agent token>`` only; there is no session and
+therefore no CSRF to check. A missing or invalid token — including the token of a retired agent
+or of an agent whose workspace was deleted — is a 401, which the agent program takes as final.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from django.db.models import Case, F, Value, When
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils import timezone
+from django.views.decorators.csrf import csrf_exempt
+
+from accounts import tokens
+from accounts.api import ApiError, error_response, read_json
+from workspaces import serializers
+from workspaces.models import (
+    REPORTABLE_LIFECYCLE_STATES,
+    AgentLifecycle,
+    WorkspaceAgent,
+    WorkspaceBuild,
+)
+from workspaces.services import agent_authenticate
+
+UNAUTHORIZED_DETAIL = "Missing or invalid agent token (Authorization: Bearer <agent token>)."
+
+
+def agent_view(
+    methods: tuple[str, ...],
+) -> Callable[[Callable[..., HttpResponse]], Callable[..., HttpResponse]]:
+    """Decorate an agent endpoint: method check, agent-token authentication, ``ApiError``.
+
+    The view receives ``request.agent`` (with ``workspace`` and ``workspace.owner`` loaded).
+    """
+
+    def decorator(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+        @functools.wraps(view)
+        def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            if request.method not in methods:
+                response = error_response(
+                    405, "method_not_allowed", f"Use one of: {', '.join(methods)}."
+                )
+                response["Allow"] = ", ".join(methods)
+                return response
+            token = tokens.bearer(request.headers.get("Authorization"))
+            agent = agent_authenticate(token) if token else None
+            if agent is None:
+                return error_response(401, "unauthorized", UNAUTHORIZED_DETAIL)
+            request.agent = agent
+            try:
+                return view(request, *args, **kwargs)
+            except ApiError as exc:
+                return error_response(exc.status, exc.error, exc.detail)
+
+        return csrf_exempt(wrapper)
+
+    return decorator
+
+
+def _current_agent(agent: WorkspaceAgent):
+    # Conditional on "still current": a start build may retire the agent between
+    # authentication and this write; its token is then dead and the answer is a 401.
+    return WorkspaceAgent.objects.filter(id=agent.id, retired_at__isnull=True)
+
+
+@agent_view(("GET",))
+def manifest(request: HttpRequest) -> JsonResponse:
+    """The agent's manifest; records the agent as initialised for the owner it names.
+
+    Race with a claim: the owner is read once (at authentication) and that same owner is both
+    written to ``initialized_owner`` and put in the manifest. If a claim changes the owner in
+    between, the agent is recorded as initialised for the *previous* owner, which is exactly
+    what it was told — so the reinit endpoint sees the mismatch and re-initialises it. The
+    recorded owner never claims more than the agent knows.
+    """
+    agent: WorkspaceAgent = request.agent
+    owner = agent.workspace.owner
+    parameters = (
+        WorkspaceBuild.objects.filter(workspace_id=agent.workspace_id)
+        .order_by("-build_number")
+        .values_list("parameters", flat=True)
+        .first()
+    ) or {}
+    now = timezone.now()
+    if not _current_agent(agent).update(
+        initialized_owner_id=owner.id, initialized_at=now, last_seen_at=now
+    ):
+        raise ApiError(401, "unauthorized", UNAUTHORIZED_DETAIL)
+    return JsonResponse(serializers.manifest_json(agent=agent, owner=owner, parameters=parameters))
+
+
+@agent_view(("POST",))
+def lifecycle(request: HttpRequest) -> HttpResponse:
+    """Record a lifecycle state the agent reports; 204.
+
+    One UPDATE. ``lifecycle_changed_at`` (and ``ready_at`` for ``ready``) move only when the
+    state actually changes, so a report the agent retries after a lost answer does not shift
+    the timestamps the dashboards and the claim logic read.
+    """
+    body = read_json(request)
+    unknown = sorted(set(body) - {"state"})
+    if unknown:
+        raise ApiError(400, "unknown_fields", f"Unknown field(s): {', '.join(unknown)}.")
+    state = body.get("state")
+    if not isinstance(state, str) or state not in REPORTABLE_LIFECYCLE_STATES:
+        allowed = ", ".join(REPORTABLE_LIFECYCLE_STATES)
+        raise ApiError(400, "invalid_state", f"state: use one of {allowed}.")
+    now = timezone.now()
+    unchanged = When(lifecycle_state=state, then=F("lifecycle_changed_at"))
+    changes: dict[str, Any] = {
+        "lifecycle_state": state,
+        "lifecycle_changed_at": Case(unchanged, default=Value(now)),
+        "last_seen_at": now,
+    }
+    if state == AgentLifecycle.READY:
+        changes["ready_at"] = Case(
+            When(lifecycle_state=state, ready_at__isnull=False, then=F("ready_at")),
+            default=Value(now),
+        )
+    if not _current_agent(request.agent).update(**changes):
+        raise ApiError(401, "unauthorized", UNAUTHORIZED_DETAIL)
+    return HttpResponse(status=204)

@@ -1,0 +1,71 @@
+"""The single entry point for "a user asks for a new workspace".
+
+The JSON API (``POST /api/v2/workspaces``) and the "New workspace" page both call
+``workspace_request`` and nothing else, so that whatever happens when a user asks for a
+workspace — today a normal first build, later first an attempt to claim a ready prebuild of the
+preset (DESIGN.md §6) — happens the same way for every client.
+"""
+
+from __future__ import annotations
+
+from django.db import transaction
+
+from accounts.models import User
+from workspaces import selectors
+from workspaces.models import Template, TemplateVersionPreset, Workspace
+from workspaces.services import WorkspaceConflict, WorkspaceError, workspace_create
+
+
+class WorkspaceNotFound(WorkspaceError):
+    """The template or preset does not exist or is not visible to the user (answered as 404)."""
+
+    status = 404
+
+
+@transaction.atomic
+def workspace_request(
+    *,
+    user: User,
+    name: str,
+    template: Template | None = None,
+    preset: TemplateVersionPreset | None = None,
+) -> Workspace:
+    """Create a workspace for ``user`` from a preset or a template (exactly one of the two).
+
+    Guarantees:
+
+    - the template (given, or the preset's) belongs to an organization ``user`` is a member of,
+      else ``WorkspaceNotFound`` (404) — the callers' lookups already restrict to usable rows,
+      this is the last line of defence for new callers;
+    - a preset must sit on its template's *active* version, else ``WorkspaceConflict``
+      (409 ``preset_inactive``): the preset existed, but the template has moved on;
+    - name rules and the "name taken" conflict come from ``workspace_create``
+      (400 ``invalid_name``, 409 ``name_taken``);
+    - one transaction: on any error nothing is written.
+    """
+    if (template is None) == (preset is None):
+        raise WorkspaceError(
+            "invalid_request", "Give exactly one of template_id and template_version_preset_id."
+        )
+    if user.is_system:
+        raise WorkspaceError("invalid_owner", "System users cannot request workspaces.")
+    if preset is not None:
+        template = preset.template_version.template
+    assert template is not None
+    if template.deleted or not selectors.user_may_use_template(user=user, template=template):
+        raise WorkspaceNotFound("not_found", "No such template or preset.")
+    # Race: an operator may switch the active version between this check and the insert. That
+    # is benign — the workspace is built on the version that was active when we read it, and
+    # versions are immutable and never removed while builds use them — so no row lock here
+    # (it would serialise every request for a popular template).
+    if template.active_version_id is None:
+        raise WorkspaceConflict("template_unavailable", "template: it has no active version.")
+    if preset is not None and preset.template_version_id != template.active_version_id:
+        raise WorkspaceConflict(
+            "preset_inactive",
+            "template_version_preset_id: this preset belongs to version "
+            f"{preset.template_version.name!r}, which is no longer the active version of "
+            f"template {template.name!r}; pick a preset of the active version.",
+        )
+    # Claiming a ready prebuild of ``preset`` goes here, before the normal build (DESIGN.md §6).
+    return workspace_create(owner=user, template=template, name=name, preset=preset)

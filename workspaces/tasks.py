@@ -1,0 +1,55 @@
+"""Celery tasks for provisioner jobs. Thin: each takes ids or nothing and calls ``jobs``.
+
+Found by ``app.autodiscover_tasks()`` in ``config/celery.py`` (``<app>/tasks.py`` of every
+installed app). The names are fixed: ``settings.CELERY_BEAT_SCHEDULE`` and ``jobs.job_enqueue``
+refer to them.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from uuid import UUID
+
+from celery import shared_task
+from django.conf import settings
+
+from workspaces import jobs, routing
+from workspaces.models import ProvisionerJob
+
+logger = logging.getLogger(__name__)
+
+
+# acks_late: the message is acknowledged only after the job ran, so a worker that dies mid-job
+# leaves it for redelivery. Redelivery (and any duplicate from the pending sweep) is harmless:
+# job_execute's conditional acquire lets exactly one delivery run a job. A build longer than the
+# broker's visibility timeout is redelivered while it runs, and that delivery returns at once.
+@shared_task(name=jobs.RUN_JOB_TASK, acks_late=True, ignore_result=True)
+def run_provisioner_job(job_id: str) -> str | None:
+    """Execute one provisioner job; answer its final status (None: not run by this delivery)."""
+    try:
+        parsed = UUID(str(job_id))
+    except ValueError:
+        logger.error("job_message_invalid job=%r; dropped", job_id)
+        return None
+    if not ProvisionerJob.objects.filter(id=parsed).exists():
+        # Jobs are enqueued only after their transaction commits, so this is a message from
+        # another database (a reset, a test run) or a deleted row: nothing to do, ever.
+        logger.warning("job_not_found job=%s; message dropped", parsed)
+        return None
+    job = jobs.job_execute(parsed, worker=routing.worker_identity())
+    return job.status if job is not None else None
+
+
+# Safe with several beat schedulers: every failure is a conditional update.
+@shared_task(name="workspaces.fail_stale_jobs", ignore_result=True)
+def fail_stale_jobs() -> int:
+    """Fail running jobs whose worker stopped heartbeating; answer how many."""
+    timeout = timedelta(seconds=settings.PROVISIONER_HEARTBEAT_TIMEOUT)
+    return len(jobs.jobs_fail_stale(timeout=timeout))
+
+
+@shared_task(name="workspaces.requeue_pending_jobs", ignore_result=True)
+def requeue_pending_jobs() -> int:
+    """Re-enqueue pending jobs whose message may have been lost; answer how many."""
+    return len(jobs.jobs_requeue_pending(older_than=jobs.REQUEUE_PENDING_AFTER))
