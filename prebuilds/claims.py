@@ -7,10 +7,13 @@ queues a delete build, so a prebuild is either claimed or deleted, never both.
 
 from __future__ import annotations
 
+from uuid import UUID
+
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from accounts.models import SYSTEM_USER_ID, User
+from prebuilds.models import PrebuildClaim
 from workspaces.models import (
     AgentLifecycle,
     BuildReason,
@@ -139,3 +142,37 @@ def claim_prebuild(user: User, preset: TemplateVersionPreset, name: str) -> Work
             preset=preset,
         )
         return workspace
+
+
+def claim_record(
+    *, user: User, preset: TemplateVersionPreset, workspace: Workspace | None
+) -> PrebuildClaim:
+    """Record a claim (``workspace`` given) or a miss, for metrics and the dashboards."""
+    return PrebuildClaim.objects.create(
+        preset=preset, user=user, workspace=workspace, claimed=workspace is not None
+    )
+
+
+# Every current agent of the claimed workspace is ready and initialised for its owner.
+_MARK_READY_SQL = """
+UPDATE prebuilds_prebuildclaim c
+   SET ready_at = now()
+  FROM workspaces_workspace w
+ WHERE c.workspace_id = %s AND c.ready_at IS NULL AND w.id = c.workspace_id
+   AND NOT EXISTS (
+       SELECT 1 FROM workspaces_workspaceagent a
+        WHERE a.workspace_id = w.id AND a.retired_at IS NULL
+          AND (a.lifecycle_state <> 'ready' OR a.initialized_owner_id IS DISTINCT FROM w.owner_id)
+   )
+"""
+
+
+def claims_mark_ready(*, workspace_id: UUID) -> bool:
+    """Stamp ``ready_at`` on the workspace's open claim once all its agents re-initialised.
+
+    Called after an agent reports ``ready``; one UPDATE that matches nothing for workspaces
+    that were never claimed (partial index on open claims).
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(_MARK_READY_SQL, [workspace_id])
+        return cursor.rowcount > 0

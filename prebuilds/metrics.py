@@ -1,6 +1,6 @@
 """Prometheus metrics of the prebuild pools, served at `/metrics`.
 
-A custom collector reads the database at scrape time (six queries, whatever the scale), so
+A custom collector reads the database at scrape time (seven queries, whatever the scale), so
 every web process answers the same numbers and no process has to have run the reconciler:
 passes run in Celery workers, scrapes hit web processes.
 
@@ -40,6 +40,7 @@ from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeHistogramMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
@@ -91,6 +92,29 @@ SELECT o.name, t.name, p.name, COUNT(*)
 """
 )
 
+CLAIM_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+# Claim misses and claim-to-ready durations per preset name (from PrebuildClaim rows).
+_CLAIMS_SQL = (
+    """
+SELECT o.name, t.name, p.name,
+       COUNT(*) FILTER (WHERE NOT c.claimed),
+       COUNT(c.ready_at),
+       COALESCE(SUM(EXTRACT(EPOCH FROM c.ready_at - c.requested_at)), 0),
+"""
+    + ",\n".join(
+        f"       COUNT(*) FILTER (WHERE EXTRACT(EPOCH FROM c.ready_at - c.requested_at) <= {b!r})"
+        for b in CLAIM_BUCKETS
+    )
+    + """
+  FROM prebuilds_prebuildclaim c
+"""
+    + _NAMES.format(preset="c.preset_id")
+    + """
+ GROUP BY o.name, t.name, p.name
+"""
+)
+
 # Names and status of the presets of the latest pass, plus every hard-limited preset.
 _PRESETS_SQL = """
 SELECT p.id, o.name, t.name, p.name, p.prebuild_status
@@ -116,7 +140,7 @@ def _sum_by_labels(rows: Iterable[tuple[Labels, float]]) -> dict[Labels, float]:
 
 
 class PrebuildsCollector(Collector):
-    """Reads the prebuild metrics from the database on every `collect` (six queries)."""
+    """Reads the prebuild metrics from the database on every `collect` (seven queries)."""
 
     def collect(self) -> Iterator[Metric]:
         yield from self._history()
@@ -148,6 +172,29 @@ class PrebuildsCollector(Collector):
         for labels, value in _sum_by_labels((tuple(r[:3]), r[3]) for r in claimed_rows).items():
             claimed.add_metric(labels, value)
         yield from (created, failed, claimed)
+        yield from self._claims()
+
+    def _claims(self) -> Iterator[Metric]:
+        """Misses (pool empty: the user got a cold build) and claim-to-ready durations."""
+        misses = CounterMetricFamily(
+            "prebuilt_workspaces_claim_misses",
+            "Requests for a preset with prebuilds that found no eligible prebuild.",
+            labels=LABELS,
+        )
+        durations = HistogramMetricFamily(
+            "prebuilt_workspace_claim_duration_seconds",
+            "From the claim request to every agent ready for the new owner.",
+            labels=LABELS,
+        )
+        for organization, template, preset, missed, count, total, *cumulative in _rows(
+            _CLAIMS_SQL, {}
+        ):
+            labels = [organization, template, preset]
+            misses.add_metric(labels, missed)
+            buckets = [(repr(b), v) for b, v in zip(CLAIM_BUCKETS, cumulative, strict=True)]
+            buckets.append(("+Inf", count))
+            durations.add_metric(labels, buckets, sum_value=float(total))
+        yield from (misses, durations)
 
     def _pool(self) -> Iterator[Metric]:
         latest = (

@@ -58,3 +58,38 @@ class ReconciliationPass(models.Model):
 
     def __str__(self) -> str:
         return f"pass at {self.started_at:%Y-%m-%d %H:%M:%S} ({self.duration_seconds:.3f} s)"
+
+
+class PrebuildClaim(models.Model):
+    """One request for a workspace of a preset that keeps prebuilds: a claim or a miss.
+
+    ``ready_at`` is set when every agent of the claimed workspace is ready *for the new owner*
+    (re-initialised after the claim); ``ready_at - requested_at`` is the claim-to-ready time.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    preset = models.ForeignKey(
+        "workspaces.TemplateVersionPreset", on_delete=models.CASCADE, related_name="claims"
+    )
+    user = models.ForeignKey("accounts.User", on_delete=models.CASCADE, related_name="+")
+    workspace = models.ForeignKey(
+        "workspaces.Workspace",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="prebuild_claims",
+    )
+    claimed = models.BooleanField()
+    requested_at = models.DateTimeField(default=timezone.now, db_index=True)
+    ready_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-requested_at"]
+        indexes = [
+            models.Index(
+                fields=["workspace"], condition=Q(ready_at__isnull=True), name="claim_not_ready"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{'claim' if self.claimed else 'miss'} of {self.preset_id} by {self.user_id}"

@@ -124,4 +124,8 @@ def lifecycle(request: HttpRequest) -> HttpResponse:
         )
     if not _current_agent(request.agent).update(**changes):
         raise ApiError(401, "unauthorized", UNAUTHORIZED_DETAIL)
+    if state == AgentLifecycle.READY and request.agent.workspace.claimed_at is not None:
+        from prebuilds.claims import claims_mark_ready
+
+        claims_mark_ready(workspace_id=request.agent.workspace_id)
     return HttpResponse(status=204)

@@ -2,8 +2,8 @@
 
 The JSON API (``POST /api/v2/workspaces``) and the "New workspace" page both call
 ``workspace_request`` and nothing else, so that whatever happens when a user asks for a
-workspace — today a normal first build, later first an attempt to claim a ready prebuild of the
-preset (DESIGN.md §6) — happens the same way for every client.
+workspace — first an attempt to claim a ready prebuild of the preset (DESIGN.md §6), then a
+normal first build when the pool is empty — happens the same way for every client.
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ def workspace_request(
       (409 ``preset_inactive``): the preset existed, but the template has moved on;
     - name rules and the "name taken" conflict come from ``workspace_create``
       (400 ``invalid_name``, 409 ``name_taken``);
+    - a preset that keeps prebuilds is served from its pool when a prebuild is eligible
+      (``workspace.claimed_prebuild``), else built cold; either outcome is recorded as a
+      ``PrebuildClaim`` (claim or miss);
     - one transaction: on any error nothing is written.
     """
     if (template is None) == (preset is None):
@@ -67,5 +70,12 @@ def workspace_request(
             f"{preset.template_version.name!r}, which is no longer the active version of "
             f"template {template.name!r}; pick a preset of the active version.",
         )
-    # Claiming a ready prebuild of ``preset`` goes here, before the normal build (DESIGN.md §6).
+    if preset is not None and preset.desired_instances is not None:
+        # The preset keeps a pool: hand over a ready prebuild if there is one (DESIGN.md §6).
+        from prebuilds.claims import claim_prebuild, claim_record
+
+        claimed = claim_prebuild(user, preset, name)
+        claim_record(user=user, preset=preset, workspace=claimed)
+        if claimed is not None:
+            return claimed
     return workspace_create(owner=user, template=template, name=name, preset=preset)

@@ -112,7 +112,7 @@ def test_it_collects_in_a_fixed_number_of_queries(django_assert_max_num_queries)
         prebuild(preset, status=JobStatus.FAILED)
     reconcile()
 
-    with django_assert_max_num_queries(6):
+    with django_assert_max_num_queries(7):
         list(registry.collect())
 
 
