@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint format check bench venv
+CHROMIUM := /usr/bin/chromium
+
+.PHONY: run test lint format check bench venv browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,6 +15,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# Browser tests drive the distribution's Chromium through Playwright (Playwright cannot download
+# its own browsers here). Installed with apt when missing: as root, or through sudo.
+browser:
+	@test -x $(CHROMIUM) || { \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+		echo "Installing chromium for the browser tests (apt)"; \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; \
+	}
 
 run: venv
 	$(BIN)/python -m config.launcher
@@ -25,7 +36,7 @@ format: venv
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: venv lint
+test: venv lint browser
 	$(BIN)/python -m pytest
 
 bench: venv
