@@ -104,8 +104,9 @@ def _children(env: dict[str, str]) -> list[tuple[str, list[str]]]:
                 "worker",
                 "--loglevel",
                 "INFO",
+                # Start builds wait for their agents' startup scripts, so allow a few at once.
                 "--concurrency",
-                "2",
+                "4",
                 "--hostname",
                 f"worker@{socket.gethostname()}",
                 # `default` for first builds, and this host's queue for later builds of the

@@ -36,6 +36,9 @@ PREBUILDS_FAILURE_HARD_LIMIT = env.int_("PREBUILDS_FAILURE_HARD_LIMIT", 3, minim
 # periodic sweep declares the worker lost and fails the job.
 PROVISIONER_HEARTBEAT_INTERVAL = env.float_("PROVISIONER_HEARTBEAT_INTERVAL", 2, minimum=0.1)
 PROVISIONER_HEARTBEAT_TIMEOUT = env.float_("PROVISIONER_HEARTBEAT_TIMEOUT", 60, minimum=1)
+# How long a start build waits for its agents to report ready (their startup scripts); a
+# start_error or this timeout fails the build. 0: builds do not wait for agents.
+PROVISIONER_AGENT_READY_TIMEOUT = env.float_("PROVISIONER_AGENT_READY_TIMEOUT", 600, minimum=0)
 # Seconds between `event: ping` heartbeats on the agents' reinit SSE stream (DESIGN.md §7: 15).
 REINIT_PING_INTERVAL = env.float_("REINIT_PING_INTERVAL", 15, minimum=0.1)
 _database_url = env.str_("DATABASE_URL", "")

@@ -8,3 +8,6 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("DATA_DIR", str(Path(__file__).resolve().parent.parent / ".data" / "test"))
+# Most tests exercise builds whose agents never reach a control plane; waiting for them to report
+# ready is covered by its own tests (tests/workspaces/test_agent_wait.py), which turn it back on.
+os.environ.setdefault("PROVISIONER_AGENT_READY_TIMEOUT", "0")

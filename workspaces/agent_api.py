@@ -11,7 +11,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from django.db.models import Case, F, Value, When
+from django.db.models import Case, F, Q, Value, When
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
@@ -87,8 +87,18 @@ def manifest(request: HttpRequest) -> JsonResponse:
         .first()
     ) or {}
     now = timezone.now()
+    # Re-initialising for another owner (after a claim): the agent is no longer ready *for the
+    # owner it serves* until it reports so again. Without this, a stale "ready" would be visible
+    # between this fetch and the agent's "starting" report, and claim-to-ready would be early.
+    reinit = Q(initialized_owner__isnull=False) & ~Q(initialized_owner_id=owner.id)
     if not _current_agent(agent).update(
-        initialized_owner_id=owner.id, initialized_at=now, last_seen_at=now
+        initialized_owner_id=owner.id,
+        initialized_at=now,
+        last_seen_at=now,
+        lifecycle_state=Case(
+            When(reinit, then=Value(AgentLifecycle.STARTING)), default=F("lifecycle_state")
+        ),
+        lifecycle_changed_at=Case(When(reinit, then=Value(now)), default=F("lifecycle_changed_at")),
     ):
         raise ApiError(401, "unauthorized", UNAUTHORIZED_DETAIL)
     return JsonResponse(serializers.manifest_json(agent=agent, owner=owner, parameters=parameters))

@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
 from uuid import UUID
 
@@ -37,7 +38,7 @@ from workspaces.models import (
     WorkspaceAgent,
     WorkspaceBuild,
 )
-from workspaces.provisioners import AgentSpec, ProvisionError, ProvisionRequest
+from workspaces.provisioners import AgentSpec, ProvisionAborted, ProvisionError, ProvisionRequest
 
 logger = logging.getLogger(__name__)
 
@@ -372,6 +373,8 @@ def job_execute(job_id: UUID, *, worker: str) -> ProvisionerJob | None:
             return heartbeat.abort.is_set()
 
         provisioner.apply(request, sink.line, should_abort)
+        if build.transition == Transition.START and not build.is_claim:
+            _await_agents(build, provisioner, request, sink.line, should_abort)
         succeeded = True
         sink.line(f"{build.transition} succeeded")
     except ProvisionError as exc:
@@ -398,6 +401,67 @@ def job_execute(job_id: UUID, *, worker: str) -> ProvisionerJob | None:
     else:
         logger.info("job_finished job=%s worker=%s status=%s", job_id, worker, job.status)
     return job
+
+
+AGENT_POLL_INTERVAL = 0.2
+
+
+def _await_agents(
+    build: WorkspaceBuild,
+    provisioner: provisioners.Provisioner,
+    request: provisioners.ProvisionRequest,
+    log: Callable[[str], None],
+    should_abort: Callable[[], bool],
+) -> None:
+    """Hold a (non-claim) start build until its agents report ``ready``.
+
+    A workspace is usable when its agents are, not when their processes exist: so the build
+    succeeds only once every new agent has run its startup script successfully, and fails on
+    ``start_error`` (with the tail of the agent's log when the provisioner keeps one) or when
+    ``PROVISIONER_AGENT_READY_TIMEOUT`` passes. That is what makes a template whose startup
+    script fails count as a failed build for prebuild back-off and the hard limit. Lifecycle
+    changes are written to the build log as they happen. A timeout of 0 turns waiting off.
+    """
+    timeout = settings.PROVISIONER_AGENT_READY_TIMEOUT
+    if timeout <= 0 or not request.agents:
+        return
+    log(f"waiting for {len(request.agents)} agent(s) to run their startup scripts")
+    deadline = time.monotonic() + timeout
+    seen: dict[str, str] = {}
+    while True:
+        states = dict(
+            WorkspaceAgent.objects.filter(build=build, retired_at__isnull=True).values_list(
+                "name", "lifecycle_state"
+            )
+        )
+        for name, state in sorted(states.items()):
+            if seen.get(name) != state:
+                log(f"agent {name}: {state}")
+        seen = states
+        failed = sorted(
+            name for name, state in states.items() if state == AgentLifecycle.START_ERROR
+        )
+        if failed:
+            for name in failed:
+                tail = provisioner.agent_log_tail(request.workspace_id, name)
+                if tail:
+                    log(f"last lines of agent {name}'s log:")
+                    for line in tail.splitlines():
+                        log(f"  {line}")
+            raise ProvisionError(f"the startup script of agent(s) {', '.join(failed)} failed")
+        if states and all(state == AgentLifecycle.READY for state in states.values()):
+            return
+        if should_abort():
+            raise ProvisionAborted("aborted while waiting for the agents")
+        if time.monotonic() > deadline:
+            waiting = sorted(
+                name for name, state in states.items() if state != AgentLifecycle.READY
+            )
+            raise ProvisionError(
+                f"agent(s) {', '.join(waiting)} did not report ready within {timeout:g} s; "
+                f"check that they can reach the control plane at {request.access_url}"
+            )
+        time.sleep(AGENT_POLL_INTERVAL)
 
 
 def _complete_retrying(

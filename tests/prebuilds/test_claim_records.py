@@ -91,6 +91,8 @@ def test_the_claim_is_ready_once_every_agent_reinitialised_for_the_new_owner(cli
             "/api/v2/workspaceagents/me/manifest", HTTP_AUTHORIZATION=f"Bearer {agent.plain_token}"
         )
         assert manifest.status_code == 200
+        agent.refresh_from_db()
+        assert agent.lifecycle_state == "starting", "not ready for the new owner yet"
         _report(client, agent, "starting")
         _report(client, agent, "ready")
         ready_at = PrebuildClaim.objects.get().ready_at

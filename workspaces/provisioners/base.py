@@ -77,3 +77,7 @@ class Provisioner(abc.ABC):
     @abc.abstractmethod
     def apply(self, request: ProvisionRequest, log: LogFn, should_abort: AbortFn) -> None:
         """Bring the workspace to ``request.transition``; raise ``ProvisionError`` on failure."""
+
+    def agent_log_tail(self, workspace_id: str, agent_name: str) -> str:
+        """The last lines an agent printed, when this provisioner keeps them ("" otherwise)."""
+        return ""

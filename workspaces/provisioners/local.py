@@ -82,6 +82,9 @@ class LocalProvisioner(Provisioner):
         self.root = Path(data_dir) / "workspaces"
         self.stop_timeout = stop_timeout
 
+    def agent_log_tail(self, workspace_id: str, agent_name: str) -> str:
+        return _tail(self.workspace_dir(workspace_id) / STATE_DIR / f"agent-{agent_name}.log")
+
     def workspace_dir(self, workspace_id: str) -> Path:
         return self.root / str(workspace_id)
 
