@@ -24,7 +24,8 @@ import contextlib
 import json
 import logging
 from collections import defaultdict
-from typing import Any, TypedDict
+from collections.abc import Awaitable, Callable
+from typing import Any, TypedDict, TypeVar
 from uuid import UUID
 
 import psycopg
@@ -34,6 +35,8 @@ from django.db import connection
 from workspaces.models import JobStatus, WorkspaceAgent, WorkspaceBuild
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 CHANNEL = "workspace_reinit"
 REASON_PREBUILD_CLAIMED = "prebuild_claimed"
@@ -75,6 +78,17 @@ def reinit_due(agent_id: UUID) -> ReinitEvent | None:
         "owner_id": str(agent.workspace.owner_id),
         "reason": REASON_PREBUILD_CLAIMED,
     }
+
+
+def db_call(function: Callable[..., T]) -> Callable[..., Awaitable[T]]:
+    """Run a synchronous database function from async code on a small shared thread pool.
+
+    Not ``sync_to_async``'s default (thread-sensitive) mode: under ASGI, Django gives every
+    request its own thread for that, and Django connections are per thread — so a thousand
+    waiting agents would hold a thousand database connections for as long as they wait. The
+    shared pool bounds the connections to its size (a handful), whatever the number of waiters.
+    """
+    return sync_to_async(function, thread_sensitive=False)
 
 
 def _listen_params() -> dict[str, Any]:
@@ -141,7 +155,7 @@ class ReinitListener:
 
     async def _run(self) -> None:
         delay = 0.2
-        params = await sync_to_async(_listen_params)()
+        params = await db_call(_listen_params)()
         while True:
             try:
                 conn = await psycopg.AsyncConnection.connect(**params, autocommit=True)
@@ -201,7 +215,7 @@ async def wait_for_reinit(
     event = listener.subscribe(key)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + (min(timeout, heartbeat) if heartbeat else timeout)
-    check = sync_to_async(reinit_due)
+    check = db_call(reinit_due)
     try:
         while True:
             event.clear()  # before the check: a notify during the check keeps it set

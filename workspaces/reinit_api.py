@@ -10,13 +10,12 @@ import json
 from collections.abc import AsyncIterator
 from uuid import UUID
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 
 from accounts import tokens
 from accounts.api import error_response
-from workspaces.reinit import wait_for_reinit
+from workspaces.reinit import db_call, wait_for_reinit
 from workspaces.services import agent_authenticate
 
 DEFAULT_WAIT = 30
@@ -61,7 +60,7 @@ async def reinit(request: HttpRequest) -> HttpResponse:
         response["Allow"] = "GET"
         return response
     token = tokens.bearer(request.headers.get("Authorization"))
-    agent = await sync_to_async(agent_authenticate)(token) if token else None
+    agent = await db_call(agent_authenticate)(token) if token else None
     if agent is None:
         return error_response(401, "unauthorized", "Missing or invalid agent token.")
     wait = _parse_wait(request.GET.get("wait"))

@@ -237,3 +237,38 @@ def test_a_failed_claim_build_sends_nothing(server):
     assert list(listener.notifies(timeout=0.5)) == []
     listener.close()
     assert _get(server, agent, wait=0).status_code == 204
+
+
+def test_waiting_agents_do_not_each_hold_a_database_connection(server):
+    import asyncio
+
+    agents = [_prebuilt_agent()[1] for _ in range(60)]
+    counts: list[int] = []
+
+    def connections() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            return cursor.fetchone()[0]
+
+    async def wait_all():
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+            polls = [
+                client.get(
+                    f"{server}/api/v2/workspaceagents/me/reinit?wait=4",
+                    headers={"Authorization": f"Bearer {agent.plain_token}"},
+                )
+                for agent in agents
+            ]
+            tasks = [asyncio.ensure_future(poll) for poll in polls]
+            await asyncio.sleep(2)  # every request is now waiting
+            counts.append(await asyncio.to_thread(connections))
+            return await asyncio.gather(*tasks)
+
+    answers = asyncio.run(wait_all())
+
+    assert [a.status_code for a in answers] == [204] * 60
+    assert counts[0] <= 12, f"{counts[0]} connections for 60 waiting agents"
