@@ -246,12 +246,15 @@ def test_waiting_agents_do_not_each_hold_a_database_connection(server):
     counts: list[int] = []
 
     def connections() -> int:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT count(*) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            )
-            return cursor.fetchone()[0]
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+                return cursor.fetchone()[0]
+        finally:
+            connection.close()  # this runs on a helper thread with its own connection
 
     async def wait_all():
         limits = httpx.Limits(max_connections=100)
