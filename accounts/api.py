@@ -11,11 +11,15 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from accounts import tokens
-from accounts.services import api_token_authenticate
+from accounts import ratelimit, tokens
+from accounts.models import ApiToken
+from accounts.services import API_TOKEN_PREFIX, api_token_authenticate
+
+TOO_LARGE_DETAIL = "Request body is too large."
 
 
 class ApiError(Exception):
@@ -30,6 +34,28 @@ class ApiError(Exception):
 
 def error_response(status: int, error: str, detail: str) -> JsonResponse:
     return JsonResponse({"error": error, "detail": detail}, status=status)
+
+
+def rate_limited_response(exc: ratelimit.RateLimited) -> JsonResponse:
+    """429 in the API's error shape, with ``Retry-After`` (seconds)."""
+    response = error_response(
+        429,
+        "rate_limited",
+        "Too many failed authentication attempts from your address; "
+        f"try again in {exc.retry_after} seconds.",
+    )
+    response["Retry-After"] = str(exc.retry_after)
+    return response
+
+
+def api_token_issued(request: HttpRequest) -> bool:
+    """True when the request's bearer token is one we issued (even if revoked): not a guess."""
+    token = tokens.bearer(request.headers.get("Authorization"))
+    parts = tokens.split(token, API_TOKEN_PREFIX) if token else None
+    if parts is None:
+        return False
+    hashes = ApiToken.objects.filter(key_id=parts[0]).values_list("secret_hash", flat=True)
+    return any(tokens.secret_matches(parts[1], secret_hash) for secret_hash in hashes)
 
 
 def authenticate(request: HttpRequest):
@@ -49,11 +75,22 @@ def authenticate(request: HttpRequest):
 
 
 def read_json(request: HttpRequest) -> dict[str, Any]:
-    """The request body as a JSON object, or ApiError 400 naming what is wrong."""
+    """The request body as a JSON object, or ApiError naming what is wrong.
+
+    Never raises anything else: a body over ``DATA_UPLOAD_MAX_MEMORY_SIZE`` is a 413, anything
+    that is not a JSON object (including nesting deep enough to exhaust the parser's
+    recursion, which ``json`` reports as ``RecursionError``) is a 400.
+    """
     try:
-        body = json.loads(request.body or b"null")
+        raw = request.body
+    except RequestDataTooBig:
+        raise ApiError(413, "request_too_large", TOO_LARGE_DETAIL) from None
+    try:
+        body = json.loads(raw or b"null")
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, "invalid_json", f"Request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "invalid_json", "Request body is nested too deeply.") from None
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_json", "Request body must be a JSON object.")
     return body
@@ -77,7 +114,16 @@ def api_view(
                 )
                 response["Allow"] = ", ".join(methods)
                 return response
-            user = authenticate(request)
+            try:
+                # Counted per client; a blocked client's token is not even looked at.
+                user = ratelimit.token_attempt(
+                    request,
+                    ratelimit.API_TOKEN,
+                    lambda: authenticate(request),
+                    issued=lambda: api_token_issued(request),
+                )
+            except ratelimit.RateLimited as exc:
+                return rate_limited_response(exc)
             if user is None:
                 return error_response(
                     401, "unauthorized", "Missing or invalid credentials (Bearer API token)."
@@ -91,7 +137,11 @@ def api_view(
             ):
                 from django.middleware.csrf import CsrfViewMiddleware
 
-                reason = CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {})
+                try:
+                    # Reads request.POST for a form token: a huge form body raises here.
+                    reason = CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {})
+                except RequestDataTooBig:
+                    return error_response(413, "request_too_large", TOO_LARGE_DETAIL)
                 if reason is not None:
                     return error_response(
                         403, "csrf_failed", "CSRF check failed for a session request."
@@ -101,6 +151,8 @@ def api_view(
                 return view(request, *args, **kwargs)
             except ApiError as exc:
                 return error_response(exc.status, exc.error, exc.detail)
+            except RequestDataTooBig:
+                return error_response(413, "request_too_large", TOO_LARGE_DETAIL)
 
         return csrf_exempt(wrapper)
 

@@ -21,8 +21,9 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parent.parent
 SCRATCH_DATABASE = "warmstart_bench"
 
-# Measurement modules, run in this order; later issues add `benchmarks.claim`, `benchmarks.reinit`.
-MODULES = ("benchmarks.reconcile",)
+# Measurement modules, run in this order. The reconcile measurement goes first so that its counts
+# see only its own presets; the claim module's seeded pools and templates come later.
+MODULES = ("benchmarks.reconcile", "benchmarks.floors", "benchmarks.claim", "benchmarks.reinit")
 
 CONTRACT_KEYS = (
     "claim_ready_p50_ms",

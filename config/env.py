@@ -57,14 +57,20 @@ def url(name: str, default: str, *, schemes: set[str]) -> str:
     return value
 
 
-def database(name: str, url_value: str) -> dict[str, Any]:
+def database(name: str, url_value: str, *, pool_size: int = 10) -> dict[str, Any]:
     """Parse a database URL into Django's DATABASES entry, naming ``name`` on failure."""
     import dj_database_url
 
     try:
-        config = dj_database_url.parse(url_value, conn_max_age=60, conn_health_checks=True)
+        config = dj_database_url.parse(url_value)
     except Exception as exc:  # dj-database-url raises several kinds
         raise ImproperlyConfigured(f"{name}: invalid value ({exc})") from None
     if config.get("ENGINE") != "django.db.backends.postgresql":
         raise ImproperlyConfigured(f"{name}: Warmstart needs PostgreSQL (postgres:// URL)")
+    # A connection pool per process (psycopg_pool), not persistent per-thread connections:
+    # under ASGI Django runs each request's sync code in a thread of its own, so per-thread
+    # connections would pile up (one per request, never reused); a pool hands a warm connection
+    # to whichever thread asks and takes it back when Django closes it at the end of a request.
+    config["CONN_MAX_AGE"] = 0
+    config.setdefault("OPTIONS", {})["pool"] = {"min_size": 1, "max_size": pool_size, "timeout": 10}
     return config

@@ -39,12 +39,31 @@ PROVISIONER_HEARTBEAT_TIMEOUT = env.float_("PROVISIONER_HEARTBEAT_TIMEOUT", 60, 
 # How long a start build waits for its agents to report ready (their startup scripts); a
 # start_error or this timeout fails the build. 0: builds do not wait for agents.
 PROVISIONER_AGENT_READY_TIMEOUT = env.float_("PROVISIONER_AGENT_READY_TIMEOUT", 600, minimum=0)
+# Failed sign-ins and failed bearer tokens allowed per client address and kind within
+# RATELIMIT_WINDOW seconds before further attempts are refused unchecked (accounts.ratelimit).
+# 0 disables that limit.
+RATELIMIT_LOGIN_FAILURES = env.int_("RATELIMIT_LOGIN_FAILURES", 10, minimum=0)
+RATELIMIT_TOKEN_FAILURES = env.int_("RATELIMIT_TOKEN_FAILURES", 10, minimum=0)
+RATELIMIT_WINDOW = env.int_("RATELIMIT_WINDOW", 300, minimum=1)
+# Behind a TLS-terminating proxy that sets this header to "https" (e.g. X-Forwarded-Proto).
+# Opt-in: trusting it without such a proxy would let any client claim to be on HTTPS.
+_proxy_ssl_header = env.str_("SECURE_PROXY_SSL_HEADER", "")
+_https = ACCESS_URL.startswith("https://")
+SECURE_SSL_REDIRECT = env.bool_("SECURE_SSL_REDIRECT", _https)
+# One year once the site is served over HTTPS; the browser then refuses plain HTTP to it.
+SECURE_HSTS_SECONDS = env.int_("SECURE_HSTS_SECONDS", 31_536_000 if _https else 0, minimum=0)
+# Covers only subdomains of the ACCESS_URL host (not its siblings), so on by default.
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool_("SECURE_HSTS_INCLUDE_SUBDOMAINS", True)
+# Preloading is a commitment about the operator's domain: opt-in only (check W021 silenced).
+SECURE_HSTS_PRELOAD = env.bool_("SECURE_HSTS_PRELOAD", False)
 # Seconds between `event: ping` heartbeats on the agents' reinit SSE stream (DESIGN.md §7: 15).
 REINIT_PING_INTERVAL = env.float_("REINIT_PING_INTERVAL", 15, minimum=0.1)
+# Database connections each process may hold (its connection pool's maximum).
+DATABASE_POOL_SIZE = env.int_("DATABASE_POOL_SIZE", 10, minimum=1, maximum=1000)
 _database_url = env.str_("DATABASE_URL", "")
 _broker_url = env.str_("CELERY_BROKER_URL", "")
 if _database_url:
-    _database = env.database("DATABASE_URL", _database_url)
+    _database = env.database("DATABASE_URL", _database_url, pool_size=DATABASE_POOL_SIZE)
 if _broker_url:
     CELERY_BROKER_URL = env.url(
         "CELERY_BROKER_URL", "", schemes={"redis", "rediss", "redis+socket", "amqp", "pyamqp"}
@@ -72,11 +91,39 @@ SECRET_KEY = _secret_key()
 
 # --- Embedded services (only when no external ones are configured) --------------------------
 if not _database_url:
-    _database = env.database("DATABASE_URL", embedded.database_url(DATA_DIR))
+    _database = env.database(
+        "DATABASE_URL", embedded.database_url(DATA_DIR), pool_size=DATABASE_POOL_SIZE
+    )
 if not _broker_url:
     CELERY_BROKER_URL = embedded.broker_url(DATA_DIR)
 
 DATABASES = {"default": _database}
+
+
+def _caches(broker_url: str) -> dict[str, dict]:
+    """One cache shared by every web process: the broker's Redis when the broker is Redis.
+
+    The rate limiter's counters live here (accounts.ratelimit), so they must be shared; with an
+    AMQP broker there is no Redis to share and each process counts on its own (documented).
+    Keys are prefixed so they never collide with Celery's in the same Redis database.
+    """
+    scheme, _, rest = broker_url.partition("://")
+    if scheme in ("redis", "rediss"):
+        location = broker_url
+    elif scheme == "redis+socket":
+        location = f"unix://{rest}"
+    else:
+        return {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    return {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": location,
+            "KEY_PREFIX": "warmstart",
+        }
+    }
+
+
+CACHES = _caches(CELERY_BROKER_URL)
 
 # --- Django ------------------------------------------------------------------------------
 INSTALLED_APPS = [
@@ -127,7 +174,11 @@ TEMPLATES = [
 ]
 
 AUTH_USER_MODEL = "accounts.User"
-AUTHENTICATION_BACKENDS = ["accounts.backends.UserBackend"]
+AUTHENTICATION_BACKENDS = [
+    # First: refuses a rate-limited client before any backend looks at the password.
+    "accounts.ratelimit.LoginRateLimitBackend",
+    "accounts.backends.UserBackend",
+]
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "home"
 LOGOUT_REDIRECT_URL = "login"
@@ -161,9 +212,18 @@ if not DEBUG:
     SECURE_CONTENT_TYPE_NOSNIFF = True
     X_FRAME_OPTIONS = "DENY"
     SECURE_REFERRER_POLICY = "same-origin"
-    if ACCESS_URL.startswith("https://"):
+    if _https:
         SESSION_COOKIE_SECURE = True
         CSRF_COOKIE_SECURE = True
+    if _proxy_ssl_header:
+        SECURE_PROXY_SSL_HEADER = (
+            "HTTP_" + _proxy_ssl_header.upper().replace("-", "_"),
+            "https",
+        )
+# The origin the site is served from (a proxy may present another Host to Django).
+CSRF_TRUSTED_ORIGINS = [ACCESS_URL]
+# W021 asks for HSTS preload; that is the operator's decision (SECURE_HSTS_PRELOAD), not ours.
+SILENCED_SYSTEM_CHECKS = ["security.W021"]
 
 LOGGING = {
     "version": 1,

@@ -45,6 +45,9 @@ JOIN workspaces_template t ON t.id = w.template_id
 JOIN workspaces_templateversionpreset p ON p.id = latest.preset_id
 WHERE w.owner_id = %(system)s
   AND NOT w.deleted
+  -- Redundant with the latest-build test below, but lets the planner start from this preset's
+  -- builds instead of every prebuild of every pool (16 ms -> 3 ms beside 10,000 prebuilds).
+  AND w.id IN (SELECT workspace_id FROM workspaces_workspacebuild WHERE preset_id = %(preset)s)
   AND latest.preset_id = %(preset)s
   AND latest.transition = 'start'
   AND j.status = 'succeeded'

@@ -6,6 +6,8 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from workspaces.models import TemplateVersionPreset
+
 SETTINGS_ID = 1
 
 
@@ -93,3 +95,69 @@ class PrebuildClaim(models.Model):
 
     def __str__(self) -> str:
         return f"{'claim' if self.claimed else 'miss'} of {self.preset_id} by {self.user_id}"
+
+
+class AuditAction(models.TextChoices):
+    """What an operator did; one value per operator control."""
+
+    PAUSE = "pause", "Paused reconciliation"
+    RESUME = "resume", "Resumed reconciliation"
+    RECONCILE = "reconcile", "Ran a reconciliation pass"
+    SET_DESIRED_INSTANCES = "set_desired_instances", "Changed desired instances"
+    INVALIDATE = "invalidate", "Invalidated prebuilds"
+    RESET = "reset", "Reset preset status"
+    CANCEL_PENDING = "cancel_pending", "Canceled pending prebuilds"
+    DELETE_PREBUILD = "delete_prebuild", "Deleted a prebuild"
+
+
+class AuditEntry(models.Model):
+    """One operator action on the prebuild pools: who, what, on which target, when.
+
+    Append-only (written by `prebuilds.audit.audit_record`, read-only in the admin). The
+    username and a human label of the target are copied into the row so an entry still reads
+    correctly after the user, preset or workspace is gone (the foreign keys become NULL).
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    user = models.ForeignKey(
+        "accounts.User", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    username = models.CharField(max_length=150)
+    action = models.CharField(max_length=32, choices=AuditAction.choices)
+    preset = models.ForeignKey(
+        "workspaces.TemplateVersionPreset",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    workspace = models.ForeignKey(
+        "workspaces.Workspace", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    target = models.CharField(max_length=300, blank=True)
+    detail = models.TextField(blank=True)
+    source = models.CharField(max_length=16, default="dashboard")
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name = "audit entry"
+        verbose_name_plural = "audit entries"
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(action__in=AuditAction.values), name="audit_action_valid"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.username} {self.action} {self.target}".strip()
+
+
+class PrebuildPool(TemplateVersionPreset):
+    """A proxy of `TemplateVersionPreset` for the prebuilds admin: the operator controls live
+    here, as admin actions, so the workspaces app's own preset admin stays untouched."""
+
+    class Meta:
+        proxy = True
+        verbose_name = "prebuild pool"
+        verbose_name_plural = "prebuild pools"

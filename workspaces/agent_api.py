@@ -16,8 +16,8 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
-from accounts import tokens
-from accounts.api import ApiError, error_response, read_json
+from accounts import ratelimit, tokens
+from accounts.api import ApiError, error_response, rate_limited_response, read_json
 from workspaces import serializers
 from workspaces.models import (
     REPORTABLE_LIFECYCLE_STATES,
@@ -25,7 +25,7 @@ from workspaces.models import (
     WorkspaceAgent,
     WorkspaceBuild,
 )
-from workspaces.services import agent_authenticate
+from workspaces.services import AGENT_TOKEN_PREFIX, agent_authenticate
 
 UNAUTHORIZED_DETAIL = "Missing or invalid agent token (Authorization: Bearer <agent token>)."
 
@@ -48,7 +48,10 @@ def agent_view(
                 response["Allow"] = ", ".join(methods)
                 return response
             token = tokens.bearer(request.headers.get("Authorization"))
-            agent = agent_authenticate(token) if token else None
+            try:
+                agent = agent_token_attempt(request, token)
+            except ratelimit.RateLimited as exc:
+                return rate_limited_response(exc)
             if agent is None:
                 return error_response(401, "unauthorized", UNAUTHORIZED_DETAIL)
             request.agent = agent
@@ -60,6 +63,27 @@ def agent_view(
         return csrf_exempt(wrapper)
 
     return decorator
+
+
+def agent_token_issued(token: str | None) -> bool:
+    """True when ``token`` belongs to an agent we created (even a retired one): not a guess."""
+    parts = tokens.split(token, AGENT_TOKEN_PREFIX) if token else None
+    if parts is None:
+        return False
+    hashes = WorkspaceAgent.objects.filter(token_key_id=parts[0]).values_list(
+        "token_secret_hash", flat=True
+    )
+    return any(tokens.secret_matches(parts[1], secret_hash) for secret_hash in hashes)
+
+
+def agent_token_attempt(request: HttpRequest, token: str | None) -> WorkspaceAgent | None:
+    """``agent_authenticate`` behind the per-client failure limit (accounts.ratelimit)."""
+    return ratelimit.token_attempt(
+        request,
+        ratelimit.AGENT_TOKEN,
+        lambda: agent_authenticate(token) if token else None,
+        issued=lambda: agent_token_issued(token),
+    )
 
 
 def _current_agent(agent: WorkspaceAgent):

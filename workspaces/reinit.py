@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from collections import defaultdict
@@ -30,7 +31,7 @@ from uuid import UUID
 
 import psycopg
 from asgiref.sync import sync_to_async
-from django.db import connection
+from django.db import close_old_connections, connection
 
 from workspaces.models import JobStatus, WorkspaceAgent, WorkspaceBuild
 
@@ -88,7 +89,16 @@ def db_call(function: Callable[..., T]) -> Callable[..., Awaitable[T]]:
     waiting agents would hold a thousand database connections for as long as they wait. The
     shared pool bounds the connections to its size (a handful), whatever the number of waiters.
     """
-    return sync_to_async(function, thread_sensitive=False)
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> T:
+        close_old_connections()  # a connection broken by a database restart is replaced
+        try:
+            return function(*args, **kwargs)
+        finally:
+            connection.close()  # back to the process's pool; threads hold none while idle
+
+    return sync_to_async(call, thread_sensitive=False)
 
 
 def _listen_params() -> dict[str, Any]:

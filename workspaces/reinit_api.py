@@ -13,10 +13,10 @@ from uuid import UUID
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 
-from accounts import tokens
-from accounts.api import error_response
+from accounts import ratelimit, tokens
+from accounts.api import error_response, rate_limited_response
+from workspaces.agent_api import agent_token_attempt
 from workspaces.reinit import db_call, wait_for_reinit
-from workspaces.services import agent_authenticate
 
 DEFAULT_WAIT = 30
 MAX_WAIT = 300
@@ -60,7 +60,10 @@ async def reinit(request: HttpRequest) -> HttpResponse:
         response["Allow"] = "GET"
         return response
     token = tokens.bearer(request.headers.get("Authorization"))
-    agent = await db_call(agent_authenticate)(token) if token else None
+    try:
+        agent = await db_call(agent_token_attempt)(request, token)
+    except ratelimit.RateLimited as exc:
+        return rate_limited_response(exc)
     if agent is None:
         return error_response(401, "unauthorized", "Missing or invalid agent token.")
     wait = _parse_wait(request.GET.get("wait"))

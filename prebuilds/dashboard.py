@@ -1,0 +1,770 @@
+"""Read models for the operator dashboards: the status document and database rows, as rows.
+
+Views stay thin: they call one function here and hand the result to a template. Every function
+answers with a **fixed number of queries**, whatever the number of presets, prebuilds, claims
+or passes, so a dashboard costs the same at 10 presets and at 1,000.
+
+The overview is built from the reconciler's dry-run pass (`reconcile(dry_run=True)`), the very
+`PassResult` that `status_document()` serialises: same presets, same state, same actions. The
+dashboard reads the result rather than the JSON because the JSON drops two things an operator
+needs: the reason of a validation failure or hard limit, and how many failures a backoff is
+counting.
+
+Live updates without re-rendering unchanged rows
+------------------------------------------------
+Every live piece of the overview (the reconciler card, each template's header row, each preset
+row, each template's totals row, the audit list) is an element with a stable `id` and a
+`data-version`: a short hash of exactly the data it shows (never of the time of rendering, so
+an unchanged row keeps its version). The table carries `data-layout`, the hash of its ordered
+piece ids. The page polls (`hx-trigger="every 3s [visible]"`, slower while the tab is hidden)
+with what it holds: `layout=<hash>&known=<v1>.<v2>…` (every `data-version` in page order,
+collected by `static/js/warmstart.js` on `htmx:configRequest`). `overview_changes` compares them
+with the current ones and the view answers with only the pieces whose version differs, as htmx
+out-of-band swaps (`hx-swap-oob`; table rows wrapped in `<template>` so the HTML parser keeps
+them, htmx unwraps them). When the layout differs (a preset appeared or left) the whole table is
+swapped instead, which keeps the protocol trivially correct. Nothing changed: 204, and htmx
+swaps nothing.
+
+Why this shape: no client-side diffing library (idiomorph) and no server-side session state;
+the server renders only what changed; an unchanged row's DOM node (focus, text selection) is
+left alone. The versions are positional rather than `id:version` pairs so a poll of 1,000
+presets stays a ~10 kB query string (a GET, cacheable by nobody but harmless to repeat).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import astuple, dataclass, field
+from datetime import datetime, timedelta
+from functools import cached_property
+from itertools import groupby
+from typing import Any
+from uuid import UUID
+
+from django.db.models import OuterRef, QuerySet, Subquery
+from django.db.models.fields.json import KeyTransform
+from django.utils import timezone
+
+from accounts.models import SYSTEM_USER_ID
+from prebuilds.audit import audit_recent
+from prebuilds.models import AuditEntry, PrebuildClaim, ReconciliationPass
+from prebuilds.reconciler import PassResult, PresetResult, reconcile
+from prebuilds.reconciliation import ActionType, is_expired
+from workspaces.models import (
+    ACTIVE_JOB_STATUSES,
+    BuildReason,
+    JobStatus,
+    ProvisionerJob,
+    Template,
+    TemplateVersionPreset,
+    Transition,
+    Workspace,
+    WorkspaceBuild,
+)
+from workspaces.selectors import current_agents, latest_build, workspace_queryset
+
+# A delete action lists at most this many workspace names; the rest is "and N more".
+NAMES_SHOWN = 5
+
+
+def version_of(*parts: Any) -> str:
+    """A short, stable content hash: equal data, equal version (8 hex characters).
+
+    32 bits keep the poll's query string small (9 bytes a row); a collision would only delay
+    one row's refresh until its next change, and happens about once in 4 billion changes.
+    """
+    return hashlib.blake2b(repr(parts).encode(), digest_size=4).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# The overview
+
+
+@dataclass(frozen=True)
+class ActionText:
+    """One pending action of a preset, in words ("create 2", "delete 1 expired: prebuild-x").
+
+    Backoff is rendered by the template as "backing off until <time> after N failures" so the
+    time can be shown in the viewer's time zone.
+    """
+
+    kind: str  # "create" | "delete" | "backoff" | "cancel_pending"
+    text: str
+    names: tuple[str, ...] = ()
+    more: int = 0
+    until: datetime | None = None
+    failures: int = 0
+
+    @property
+    def words(self) -> str:
+        """The action as plain text (times in UTC): what the page says, minus the markup."""
+        if self.kind == "backoff":
+            until = f"{self.until:%H:%M:%S}" if self.until else "?"
+            return f"backing off until {until} after {self.failures} failures"
+        if not self.names:
+            return self.text
+        more = f" and {self.more} more" if self.more else ""
+        return f"{self.text}: {', '.join(self.names)}{more}"
+
+
+@dataclass(frozen=True)
+class PresetRow:
+    """One preset of the status document, ready to show."""
+
+    preset_id: UUID
+    template_id: UUID
+    organization: str
+    template: str
+    template_version: str
+    preset: str
+    active: bool
+    status: str  # healthy | backoff | paused | hard_limited | validation_failed
+    status_label: str
+    status_reason: str
+    status_until: datetime | None
+    desired: int
+    actual: int
+    eligible: int
+    starting: int
+    stopping: int
+    deleting: int
+    expired: int
+    extraneous: int
+    actions: tuple[ActionText, ...]
+
+    @property
+    def dom_id(self) -> str:
+        return f"preset-{self.preset_id}"
+
+    @cached_property
+    def version(self) -> str:
+        return version_of("preset", astuple(self))
+
+    @property
+    def badge(self) -> str:
+        return STATUS_BADGES[self.status]
+
+
+STATUS_BADGES = {
+    "healthy": "ok",
+    "backoff": "warn",
+    "paused": "warn",
+    "hard_limited": "bad",
+    "validation_failed": "bad",
+}
+COUNT_FIELDS = (
+    "desired",
+    "actual",
+    "eligible",
+    "starting",
+    "stopping",
+    "deleting",
+    "expired",
+    "extraneous",
+)
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Sums of a template's preset rows."""
+
+    template_id: UUID
+    presets: int
+    desired: int
+    actual: int
+    eligible: int
+    starting: int
+    stopping: int
+    deleting: int
+    expired: int
+    extraneous: int
+
+    @property
+    def dom_id(self) -> str:
+        return f"totals-{self.template_id}"
+
+    @cached_property
+    def version(self) -> str:
+        return version_of("totals", astuple(self))
+
+
+@dataclass(frozen=True)
+class TemplateGroup:
+    """The presets of one template (of one organization), with their totals."""
+
+    template_id: UUID
+    organization: str
+    template: str
+    rows: tuple[PresetRow, ...]
+    totals: Totals
+
+    @property
+    def dom_id(self) -> str:
+        return f"template-{self.template_id}"
+
+    @cached_property
+    def version(self) -> str:
+        return version_of("template", self.template_id, self.organization, self.template)
+
+
+@dataclass(frozen=True)
+class Overview:
+    """Everything the overview page shows."""
+
+    paused: bool
+    lock_acquired: bool
+    computed_at: datetime
+    groups: tuple[TemplateGroup, ...]
+    last_pass: ReconciliationPass | None
+    audit: tuple[AuditEntry, ...]
+
+    @property
+    def preset_count(self) -> int:
+        return sum(len(group.rows) for group in self.groups)
+
+    @cached_property
+    def reconciler_version(self) -> str:
+        last = self.last_pass
+        return version_of(
+            "reconciler",
+            self.paused,
+            self.lock_acquired,
+            last.pk if last else None,
+        )
+
+    @cached_property
+    def audit_version(self) -> str:
+        return version_of("audit", tuple(entry.pk for entry in self.audit))
+
+    @cached_property
+    def table_pieces(self) -> list[tuple[str, str, Any]]:
+        """The table's versioned rows in page order: `(dom_id, version, (kind, item))`."""
+        pieces: list[tuple[str, str, Any]] = []
+        for group in self.groups:
+            pieces.append((group.dom_id, group.version, ("template", group)))
+            pieces.extend((row.dom_id, row.version, ("preset", row)) for row in group.rows)
+            pieces.append((group.totals.dom_id, group.totals.version, ("totals", group.totals)))
+        return pieces
+
+    @cached_property
+    def layout(self) -> str:
+        """The version of the table's shape: which pieces, in which order."""
+        return version_of("layout", tuple(dom_id for dom_id, _, _ in self.table_pieces))
+
+    def known(self) -> str:
+        """What a page showing this overview sends back when it polls (for tests)."""
+        versions = [version for _, version, _ in self.table_pieces]
+        return ".".join([self.reconciler_version, *versions, self.audit_version])
+
+
+def overview(*, now: datetime | None = None) -> Overview:
+    """The overview, from a dry-run pass: 5 snapshot queries + names + last pass + audit.
+
+    Writes nothing (the dry run only probes the reconciliation lock, on its own connection).
+    """
+    result = reconcile(dry_run=True, now=now)
+    # The document is ordered by organization, template, version, preset: groupby suffices.
+    groups = []
+    for template_id, grouped in groupby(preset_rows(result), key=lambda row: row.template_id):
+        rows = tuple(grouped)
+        groups.append(
+            TemplateGroup(
+                template_id=template_id,
+                organization=rows[0].organization,
+                template=rows[0].template,
+                rows=rows,
+                totals=_totals(template_id, rows),
+            )
+        )
+    return Overview(
+        paused=result.paused,
+        lock_acquired=result.lock_acquired,
+        computed_at=result.started_at,
+        groups=tuple(groups),
+        last_pass=ReconciliationPass.objects.filter(lock_acquired=True).first(),
+        audit=tuple(audit_recent()),
+    )
+
+
+def _totals(template_id: UUID, rows: Sequence[PresetRow]) -> Totals:
+    sums = {name: sum(getattr(row, name) for row in rows) for name in COUNT_FIELDS}
+    return Totals(template_id=template_id, presets=len(rows), **sums)
+
+
+def preset_rows(result: PassResult) -> list[PresetRow]:
+    """One row per preset of a (dry-run) pass, in the document's order; one query for names."""
+    delete_ids = {
+        workspace_id
+        for preset in result.presets
+        for action in preset.actions
+        if action.type is ActionType.DELETE
+        for workspace_id in action.delete_ids
+    }
+    names: dict[UUID, str] = (
+        dict(Workspace.objects.filter(id__in=delete_ids).values_list("id", "name"))
+        if delete_ids
+        else {}
+    )
+    now = result.started_at
+    return [_preset_row(preset, result.paused, names, now) for preset in result.presets]
+
+
+def _preset_row(
+    result: PresetResult, paused: bool, names: dict[UUID, str], now: datetime
+) -> PresetRow:
+    entry, state = result.entry, result.state
+    actions = tuple(_action_texts(result, names, now))
+    backoff = next((a for a in actions if a.kind == "backoff"), None)
+    status, label, until = result.status, "", None
+    if status == "validation_failed":
+        label = "validation failed"
+    elif status == "hard_limited":
+        label = "hard limited"
+    elif paused:
+        status, label = "paused", "paused"
+    elif backoff is not None:
+        status, label, until = "backoff", "backing off until", backoff.until
+    else:
+        label = "healthy"
+    return PresetRow(
+        preset_id=entry.id,
+        template_id=entry.template_id,
+        organization=entry.organization,
+        template=entry.template,
+        template_version=entry.template_version,
+        preset=entry.name,
+        active=entry.active,
+        status=status,
+        status_label=label,
+        status_reason=result.status_reason if status in STATUS_WITH_REASON else "",
+        status_until=until,
+        desired=state.desired,
+        actual=state.actual,
+        eligible=state.eligible,
+        starting=state.starting,
+        stopping=state.stopping,
+        deleting=state.deleting,
+        expired=state.expired,
+        extraneous=state.extraneous,
+        actions=actions,
+    )
+
+
+STATUS_WITH_REASON = ("validation_failed", "hard_limited")
+
+
+def _action_texts(
+    result: PresetResult, names: dict[UUID, str], now: datetime
+) -> Iterable[ActionText]:
+    entry = result.entry
+    running = {prebuild.id: prebuild for prebuild in entry.snapshot.running}
+    for action in result.actions:
+        if action.type is ActionType.CREATE:
+            yield ActionText("create", f"create {action.create}")
+        elif action.type is ActionType.CANCEL_PENDING:
+            yield ActionText("cancel_pending", f"cancel {action.cancel_count} pending")
+        elif action.type is ActionType.BACKOFF:
+            backoff = entry.snapshot.backoff
+            yield ActionText(
+                "backoff",
+                "backing off",
+                until=action.backoff_until,
+                failures=backoff.num_failed if backoff else 0,
+            )
+        else:
+            ids = action.delete_ids
+            if not entry.active:
+                why = "on an old version"
+            elif all(i in running and is_expired(running[i], entry.snapshot, now) for i in ids):
+                why = "expired"
+            else:
+                why = "extraneous"
+            shown = tuple(names.get(i, str(i)) for i in ids[:NAMES_SHOWN])
+            yield ActionText(
+                "delete",
+                f"delete {len(ids)} {why}",
+                names=shown,
+                more=max(len(ids) - NAMES_SHOWN, 0),
+            )
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What a poll must swap: flags for the fixed pieces, the changed table rows, or `table`."""
+
+    reconciler: bool = False
+    audit: bool = False
+    table: bool = False
+    items: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.reconciler or self.audit or self.table or self.items)
+
+
+def overview_changes(board: Overview, *, layout: str, known: str) -> Changes:
+    """Compare the versions a page holds with the current ones (see the module docstring).
+
+    `layout` is the version of the ordered list of table piece ids the page holds; `known` the
+    versions of every piece in page order, dot-separated (the reconciler card first, the audit
+    list last). Positional rather than `id:version` pairs so that a 1,000-preset poll stays a
+    ~10 kB query string. Guarantees: every piece whose version differs is in the answer; when
+    the table's pieces differ (added, removed, reordered) or `known` does not line up with
+    them, the whole table is.
+    """
+    versions = known.split(".") if known else []
+    pieces = board.table_pieces
+    if layout != board.layout or len(versions) != len(pieces) + 2:
+        return Changes(
+            reconciler=not versions or versions[0] != board.reconciler_version,
+            audit=not versions or versions[-1] != board.audit_version,
+            table=True,
+        )
+    return Changes(
+        reconciler=versions[0] != board.reconciler_version,
+        audit=versions[-1] != board.audit_version,
+        items=tuple(
+            item
+            for held, (_, version, item) in zip(versions[1:-1], pieces, strict=True)
+            if held != version
+        ),
+    )
+
+
+def preset_row(board: Overview, preset_id: UUID) -> PresetRow | None:
+    """The overview row of one preset, or None when the preset is not in the status document."""
+    for group in board.groups:
+        for row in group.rows:
+            if row.preset_id == preset_id:
+                return row
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The preset detail page
+
+
+def preset_get(preset_id: UUID) -> TemplateVersionPreset | None:
+    """The preset with its version, template and organization (one query), or None."""
+    return (
+        TemplateVersionPreset.objects.select_related(
+            "template_version__template__organization", "template_version__template"
+        )
+        .filter(id=preset_id)
+        .first()
+    )
+
+
+@dataclass(frozen=True)
+class PrebuildLine:
+    """One live prebuild of a preset."""
+
+    workspace: Workspace
+    build: WorkspaceBuild | None
+    agents: tuple[tuple[str, str], ...]  # (name, lifecycle state)
+    ready: bool
+    expired: bool
+
+
+def _latest_build_subquery(value: str) -> Subquery:
+    return Subquery(
+        WorkspaceBuild.objects.filter(workspace=OuterRef("pk"))
+        .order_by("-build_number")
+        .values(value)[:1]
+    )
+
+
+def preset_prebuilds(
+    preset: TemplateVersionPreset, *, now: datetime | None = None, limit: int = 200
+) -> list[PrebuildLine]:
+    """Live prebuilds (system-owned, not deleted) whose latest build is of this preset, oldest
+    first, with latest build and current agents: three queries."""
+    now = now or timezone.now()
+    workspaces = (
+        workspace_queryset()
+        .filter(owner_id=SYSTEM_USER_ID, deleted=False)
+        .annotate(latest_preset_id=_latest_build_subquery("preset_id"))
+        .filter(latest_preset_id=preset.id)
+        .order_by("created_at", "id")[:limit]
+    )
+    ttl = preset.invalidate_after
+    lines = []
+    for workspace in workspaces:
+        build = latest_build(workspace)
+        agents = current_agents(workspace)
+        running = (
+            build is not None
+            and build.transition == Transition.START
+            and build.job.status == JobStatus.SUCCEEDED
+        )
+        expired = bool(
+            (preset.last_invalidated_at and workspace.created_at < preset.last_invalidated_at)
+            or (ttl and ttl > timedelta(0) and now - workspace.created_at > ttl)
+        )
+        lines.append(
+            PrebuildLine(
+                workspace=workspace,
+                build=build,
+                agents=tuple((agent.name, agent.lifecycle_state) for agent in agents),
+                ready=running
+                and bool(agents)
+                and all(agent.lifecycle_state == "ready" for agent in agents),
+                expired=expired,
+            )
+        )
+    return lines
+
+
+@dataclass(frozen=True)
+class ClaimLine:
+    claim: PrebuildClaim
+
+    @property
+    def seconds_to_ready(self) -> float | None:
+        claim = self.claim
+        if claim.ready_at is None:
+            return None
+        return (claim.ready_at - claim.requested_at).total_seconds()
+
+
+def preset_claims(preset: TemplateVersionPreset, *, limit: int = 20) -> list[ClaimLine]:
+    """The newest claims and misses of the preset, with user and workspace (one query)."""
+    claims = (
+        PrebuildClaim.objects.filter(preset=preset)
+        .select_related("user", "workspace")
+        .order_by("-requested_at", "-id")[:limit]
+    )
+    return [ClaimLine(claim) for claim in claims]
+
+
+def preset_failures(preset: TemplateVersionPreset, *, limit: int = 10) -> list[WorkspaceBuild]:
+    """The newest failed prebuild builds of the preset, with job error and workspace (one query)."""
+    return list(
+        WorkspaceBuild.objects.filter(
+            preset=preset, reason=BuildReason.PREBUILD, job__status=JobStatus.FAILED
+        )
+        .select_related("job", "workspace")
+        .defer("job__logs")
+        .order_by("-created_at", "-id")[:limit]
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The chart: desired / running / eligible over the last hours, as inline SVG geometry
+
+CHART_WIDTH = 720
+CHART_HEIGHT = 220
+CHART_MARGIN = {"left": 40, "right": 14, "top": 36, "bottom": 28}  # the legend sits on top
+MAX_POINTS = 200
+SERIES = (
+    # key, label, index in ReconciliationPass.preset_counts, css class
+    ("desired", "desired", 0, "series-desired"),
+    ("running", "running", 1, "series-running"),
+    ("eligible", "eligible", 2, "series-eligible"),
+)
+
+
+@dataclass(frozen=True)
+class Tick:
+    position: float
+    label: str
+    at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Series:
+    key: str
+    label: str
+    css: str
+    points: str  # "x,y x,y …" for <polyline points>
+    latest: int | None
+
+
+@dataclass(frozen=True)
+class Chart:
+    """Geometry for `templates/prebuilds/_chart.html`; every coordinate is in the viewBox."""
+
+    since: datetime
+    until: datetime
+    samples: int
+    y_max: int
+    series: tuple[Series, ...]
+    x_ticks: tuple[Tick, ...]
+    y_ticks: tuple[Tick, ...]
+    max_points: int = MAX_POINTS
+    width: int = CHART_WIDTH
+    height: int = CHART_HEIGHT
+    margin: dict[str, int] = field(default_factory=lambda: dict(CHART_MARGIN))
+
+    @property
+    def plot_left(self) -> int:
+        return self.margin["left"]
+
+    @property
+    def plot_right(self) -> int:
+        return self.width - self.margin["right"]
+
+    @property
+    def plot_top(self) -> int:
+        return self.margin["top"]
+
+    @property
+    def plot_bottom(self) -> int:
+        return self.height - self.margin["bottom"]
+
+    @property
+    def center_x(self) -> float:
+        return (self.plot_left + self.plot_right) / 2
+
+    @property
+    def center_y(self) -> float:
+        return (self.plot_top + self.plot_bottom) / 2
+
+    @property
+    def summary(self) -> str:
+        if not self.samples:
+            return "No reconciliation passes recorded for this preset in this period."
+        latest = ", ".join(f"{s.label} {s.latest}" for s in self.series)
+        return f"{self.samples} samples; latest: {latest}."
+
+
+def downsample(
+    samples: Sequence[tuple[datetime, Any]], *, since: datetime, until: datetime, limit: int
+) -> list[tuple[datetime, Any]]:
+    """At most `limit` samples: the period cut into `limit` equal buckets, the last sample of
+    each non-empty bucket kept. Passes run every few seconds, so "last" is what the pool
+    looked like at the end of the bucket, and a change is never more than a bucket late."""
+    if len(samples) <= limit:
+        return list(samples)
+    span = (until - since).total_seconds() or 1.0
+    kept: dict[int, tuple[datetime, Any]] = {}
+    for at, value in samples:
+        bucket = min(int((at - since).total_seconds() / span * limit), limit - 1)
+        kept[bucket] = (at, value)  # samples come in time order: the last one wins
+    return [kept[bucket] for bucket in sorted(kept)]
+
+
+def preset_chart(
+    preset_id: UUID,
+    *,
+    now: datetime | None = None,
+    hours: int = 6,
+    max_points: int = MAX_POINTS,
+) -> Chart:
+    """Desired / running / eligible of one preset over the last `hours`, from the passes'
+    `preset_counts` (one query that reads only this preset's key of each pass)."""
+    until = now or timezone.now()
+    since = until - timedelta(hours=hours)
+    key = str(preset_id)
+    rows = (
+        ReconciliationPass.objects.filter(started_at__gte=since, preset_counts__has_key=key)
+        .annotate(counts=KeyTransform(key, "preset_counts"))
+        .order_by("started_at", "id")
+        .values_list("started_at", "counts")
+    )
+    samples = [
+        (at, counts)
+        for at, counts in rows
+        if isinstance(counts, list) and len(counts) == 3 and at <= until
+    ]
+    samples = downsample(samples, since=since, until=until, limit=max_points)
+    y_max = _nice_max(max((max(c) for _, c in samples), default=0))
+    left, right = CHART_MARGIN["left"], CHART_WIDTH - CHART_MARGIN["right"]
+    top, bottom = CHART_MARGIN["top"], CHART_HEIGHT - CHART_MARGIN["bottom"]
+    span = (until - since).total_seconds()
+
+    def x(at: datetime) -> float:
+        return round(left + (at - since).total_seconds() / span * (right - left), 1)
+
+    def y(value: float) -> float:
+        return round(bottom - value / y_max * (bottom - top), 1)
+
+    series = tuple(
+        Series(
+            key=key_,
+            label=label,
+            css=css,
+            points=" ".join(f"{x(at)},{y(counts[index])}" for at, counts in samples),
+            latest=samples[-1][1][index] if samples else None,
+        )
+        for key_, label, index, css in SERIES
+    )
+    step = max(1, math.ceil(y_max / 4))
+    y_ticks = tuple(Tick(y(v), str(v)) for v in range(0, y_max + 1, step))
+    first_hour = (since + timedelta(hours=1)).replace(minute=0, second=0, microsecond=0)
+    x_ticks = tuple(
+        Tick(x(at), f"{at:%H:%M}", at)
+        for at in (first_hour + timedelta(hours=h) for h in range(hours + 1))
+        if since <= at <= until
+    )
+    return Chart(
+        since=since,
+        until=until,
+        samples=len(samples),
+        y_max=y_max,
+        series=series,
+        x_ticks=x_ticks,
+        y_ticks=y_ticks,
+        max_points=max_points,
+    )
+
+
+def _nice_max(value: int) -> int:
+    """A round upper bound for the y axis (at least 1): 1-5, then 10, 20, 25, 50, 100, …"""
+    if value <= 5:
+        return max(value, 1)
+    magnitude = 10 ** (len(str(value)) - 1)
+    for factor in (1, 2, 2.5, 5, 10):
+        bound = int(factor * magnitude)
+        if bound >= value:
+            return bound
+    return value  # unreachable: 10 * magnitude >= value
+
+
+# ---------------------------------------------------------------------------------------------
+# Staff pages: every workspace, the build queue
+
+
+def template_choices() -> QuerySet[Template]:
+    """Templates for the workspace filter, by organization and name (one query)."""
+    return Template.objects.filter(deleted=False).select_related("organization")
+
+
+def staff_workspaces(
+    *,
+    owner: str = "",
+    template: Template | None = None,
+    prebuilds_only: bool = False,
+    status: str = "",
+) -> QuerySet[Workspace]:
+    """Live workspaces of everybody (prebuilds included), newest first, filtered.
+
+    Each carries `latest_builds` and `current_agents` (`workspaces.selectors.workspace_queryset`),
+    so a page of them costs three queries whatever its size. `status` filters on the status of
+    the latest build's job.
+    """
+    queryset = workspace_queryset().filter(deleted=False).order_by("-created_at", "id")
+    if owner:
+        queryset = queryset.filter(owner__username=owner)
+    if template is not None:
+        queryset = queryset.filter(template=template)
+    if prebuilds_only:
+        queryset = queryset.filter(owner_id=SYSTEM_USER_ID)
+    if status:
+        queryset = queryset.annotate(latest_status=_latest_build_subquery("job__status")).filter(
+            latest_status=status
+        )
+    return queryset
+
+
+def build_queue() -> QuerySet[ProvisionerJob]:
+    """Jobs waiting or in progress (pending, running, canceling), oldest first, with their build,
+    workspace and owner (one query per page; the logs are never read)."""
+    return (
+        ProvisionerJob.objects.filter(status__in=ACTIVE_JOB_STATUSES)
+        .select_related("build", "build__workspace", "build__workspace__owner", "build__initiator")
+        .defer("logs")
+        .order_by("created_at", "id")
+    )

@@ -1,0 +1,71 @@
+"""Headless Chromium through Playwright, against pytest-django's live server.
+
+The distribution's Chromium (`make browser`) is used because `playwright install` cannot
+download browsers here. One browser per test module (starting it costs about a second); one fresh
+context (cookies, storage) per test.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Playwright's sync API runs an event loop in the test thread; Django would then refuse the
+# ORM calls the tests make between browser steps ("SynchronousOnlyOperation"). They are plain
+# synchronous calls on the test's own connection, so this is safe here.
+os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+PASSWORD = "correct horse battery staple"  # the UserFactory password
+# Chosen so the page's local times visibly differ from the server's UTC.
+VIEWER_TIME_ZONE = "Europe/Berlin"
+
+
+# Module scope, not session: Playwright's sync API keeps an event loop marked as running in
+# this thread while it is started, which would make `asyncio.run` in later test modules fail.
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing: run `make browser`")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, live_server) -> Iterator:
+    context = browser.new_context(
+        base_url=live_server.url,
+        viewport={"width": 1280, "height": 800},
+        timezone_id=VIEWER_TIME_ZONE,
+        locale="en-GB",
+    )
+    context.set_default_timeout(10_000)
+    page = context.new_page()
+    yield page
+    context.close()
+
+
+def sign_in(page, username: str, password: str = PASSWORD, *, next_path: str = "/") -> None:
+    """Sign in through the real login form."""
+    page.goto(f"/login/?next={next_path}")
+    page.get_by_label("Username").fill(username)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_load_state("domcontentloaded")
