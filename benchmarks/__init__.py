@@ -23,7 +23,13 @@ SCRATCH_DATABASE = "warmstart_bench"
 
 # Measurement modules, run in this order. The reconcile measurement goes first so that its counts
 # see only its own presets; the claim module's seeded pools and templates come later.
-MODULES = ("benchmarks.reconcile", "benchmarks.floors", "benchmarks.claim", "benchmarks.reinit")
+MODULES = (
+    "benchmarks.reconcile",
+    "benchmarks.floors",
+    "benchmarks.claim",
+    "benchmarks.reinit",
+    "benchmarks.load",
+)
 
 CONTRACT_KEYS = (
     "claim_ready_p50_ms",

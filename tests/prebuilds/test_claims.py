@@ -85,14 +85,6 @@ def test_it_skips_prebuilds_of_a_version_that_is_no_longer_active():
     assert claim_prebuild(UserFactory(), preset, "dev") is None
 
 
-def test_it_claims_the_oldest_first():
-    preset = PresetFactory()
-    prebuild(preset, created_at=timezone.now() - timedelta(minutes=1))
-    oldest = prebuild(preset, created_at=timezone.now() - timedelta(minutes=5))
-
-    assert claim_prebuild(UserFactory(), preset, "dev").id == oldest.id
-
-
 def test_a_taken_name_changes_nothing():
     preset = PresetFactory()
     pool = prebuild(preset)
