@@ -157,3 +157,12 @@ def api_view(
         return csrf_exempt(wrapper)
 
     return decorator
+
+
+def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    """The project's 404 handler: JSON under ``/api/``, Django's page everywhere else."""
+    if request.path.startswith("/api/"):
+        return error_response(404, "not_found", f"No API endpoint at {request.path}.")
+    from django.views.defaults import page_not_found
+
+    return page_not_found(request, exception)

@@ -17,3 +17,6 @@ urlpatterns = [
     path("api/v2/", include("prebuilds.api_urls")),
     path("", include("prebuilds.metrics")),  # /metrics (Prometheus)
 ]
+
+# Unknown paths under /api/ answer in the API's JSON error shape; pages keep Django's 404.
+handler404 = "accounts.api.not_found"

@@ -153,6 +153,9 @@ def parse_template(text: str, *, base_dir: Path | None = None) -> TemplateSpec:
     except tomllib.TOMLDecodeError as exc:
         # tomllib's message ends with "(at line L, column C)".
         raise TemplateFileError([f"invalid TOML: {exc}"]) from None
+    except RecursionError:
+        # tomllib recurses per nesting level; a hostile file can nest deeper than Python allows.
+        raise TemplateFileError(["invalid TOML: arrays or tables nested too deeply"]) from None
     return validate_document(document, base_dir=base_dir)
 
 

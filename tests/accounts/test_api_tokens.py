@@ -124,3 +124,17 @@ def test_revoking_from_the_admin_works(client):
 
     assert response.status_code == 302
     assert ApiToken.objects.get().revoked_at is not None
+
+
+def test_an_unknown_api_path_is_a_json_404(client):
+    response = client.get("/api/v2/nope")
+
+    assert response.status_code == 404
+    assert response.json()["error"] == "not_found"
+
+
+def test_an_unknown_page_is_still_an_html_404(client):
+    response = client.get("/nope/")
+
+    assert response.status_code == 404
+    assert "text/html" in response["Content-Type"]
