@@ -72,5 +72,8 @@ def database(name: str, url_value: str, *, pool_size: int = 10) -> dict[str, Any
     # connections would pile up (one per request, never reused); a pool hands a warm connection
     # to whichever thread asks and takes it back when Django closes it at the end of a request.
     config["CONN_MAX_AGE"] = 0
+    # Check a pooled connection before handing it out, so a database restart costs a reconnect,
+    # not a failed request or task (the pool only checks when Django asks it to).
+    config["CONN_HEALTH_CHECKS"] = True
     config.setdefault("OPTIONS", {})["pool"] = {"min_size": 1, "max_size": pool_size, "timeout": 10}
     return config

@@ -91,6 +91,9 @@ def _children(env: dict[str, str]) -> list[tuple[str, list[str]]]:
                 "--port",
                 port,
                 "--no-access-log",
+                # Agents hold reinit long-polls open; don't wait 30 s for them on Ctrl-C.
+                "--timeout-graceful-shutdown",
+                "3",
             ],
         ),
         (
