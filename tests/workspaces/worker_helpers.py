@@ -12,11 +12,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import quote
 
-from django.conf import settings
-from django.db import connection
-
+from tests.processes import process_env
 from tests.workspaces.factories import TemplateFactory
 from workspaces import routing
 from workspaces.models import Template
@@ -88,23 +85,10 @@ def command_template(command: list[str], *, agents: list[dict] | None = None) ->
     )
 
 
-def subprocess_database_url() -> str:
-    """A DATABASE_URL for the database this test process uses (the *test* database)."""
-    db = connection.settings_dict
-    host = db["HOST"] or db.get("OPTIONS", {}).get("host", "")
-    password = f":{quote(db['PASSWORD'], safe='')}" if db.get("PASSWORD") else ""
-    port = f":{db['PORT']}" if db.get("PORT") else ""
-    user = quote(db["USER"], safe="")
-    return f"postgres://{user}{password}@{quote(host, safe='')}{port}/{db['NAME']}"
-
-
 @contextlib.contextmanager
 def celery_worker(data_dir: Path, *, heartbeat_interval: float = 0.3) -> Iterator[Worker]:
     """A real ``celery worker --pool solo`` on ``default`` and this host's queue, always killed."""
-    env = dict(os.environ)
-    env.update(
-        DATABASE_URL=subprocess_database_url(),
-        CELERY_BROKER_URL=settings.CELERY_BROKER_URL,
+    env = process_env(
         DATA_DIR=str(data_dir),
         ACCESS_URL=closed_port_url(),
         PROVISIONER_HEARTBEAT_INTERVAL=str(heartbeat_interval),
