@@ -96,6 +96,13 @@ def read_json(request: HttpRequest) -> dict[str, Any]:
     return body
 
 
+def method_not_allowed(methods: tuple[str, ...]) -> JsonResponse:
+    """405 in the API's error shape, with the ``Allow`` header."""
+    response = error_response(405, "method_not_allowed", f"Use one of: {', '.join(methods)}.")
+    response["Allow"] = ", ".join(methods)
+    return response
+
+
 def api_view(
     methods: tuple[str, ...], *, staff: bool = False
 ) -> Callable[[Callable[..., HttpResponse]], Callable[..., HttpResponse]]:
@@ -109,11 +116,7 @@ def api_view(
         @functools.wraps(view)
         def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
             if request.method not in methods:
-                response = error_response(
-                    405, "method_not_allowed", f"Use one of: {', '.join(methods)}."
-                )
-                response["Allow"] = ", ".join(methods)
-                return response
+                return method_not_allowed(methods)
             try:
                 # Counted per client; a blocked client's token is not even looked at.
                 user = ratelimit.token_attempt(

@@ -17,7 +17,13 @@ from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
 from accounts import ratelimit, tokens
-from accounts.api import ApiError, error_response, rate_limited_response, read_json
+from accounts.api import (
+    ApiError,
+    error_response,
+    method_not_allowed,
+    rate_limited_response,
+    read_json,
+)
 from workspaces import serializers
 from workspaces.models import (
     REPORTABLE_LIFECYCLE_STATES,
@@ -42,11 +48,7 @@ def agent_view(
         @functools.wraps(view)
         def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
             if request.method not in methods:
-                response = error_response(
-                    405, "method_not_allowed", f"Use one of: {', '.join(methods)}."
-                )
-                response["Allow"] = ", ".join(methods)
-                return response
+                return method_not_allowed(methods)
             token = tokens.bearer(request.headers.get("Authorization"))
             try:
                 agent = agent_token_attempt(request, token)

@@ -14,7 +14,7 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 
 from accounts import ratelimit, tokens
-from accounts.api import error_response, rate_limited_response
+from accounts.api import error_response, method_not_allowed, rate_limited_response
 from workspaces.agent_api import agent_token_attempt
 from workspaces.reinit import db_call, wait_for_reinit
 
@@ -56,9 +56,7 @@ async def reinit(request: HttpRequest) -> HttpResponse:
     ``event: data`` with the same JSON, after which the stream ends).
     """
     if request.method != "GET":
-        response = error_response(405, "method_not_allowed", "Use GET.")
-        response["Allow"] = "GET"
-        return response
+        return method_not_allowed(("GET",))
     token = tokens.bearer(request.headers.get("Authorization"))
     try:
         agent = await db_call(agent_token_attempt)(request, token)
