@@ -29,7 +29,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 60.0
@@ -41,31 +40,18 @@ def database_url() -> str:
     """A postgres:// URL for the database Django is using now (the scratch database)."""
     from django.db import connection
 
-    s = connection.settings_dict
-    auth = quote(s.get("USER") or "", safe="")
-    if s.get("PASSWORD"):
-        auth += ":" + quote(s["PASSWORD"], safe="")
-    host = s.get("HOST") or (s.get("OPTIONS") or {}).get("host", "")
-    port = f":{s['PORT']}" if s.get("PORT") else ""
-    return f"postgres://{auth}@{quote(str(host), safe='')}{port}/{s['NAME']}"
+    from config import env
+
+    return env.database_url_of(connection.settings_dict)
 
 
 def psycopg_params() -> dict[str, Any]:
     """psycopg.connect keywords for the database Django is using now (no Django in the loop)."""
     from django.db import connection
 
-    s = connection.settings_dict
-    params: dict[str, Any] = {
-        "dbname": s["NAME"],
-        "user": s.get("USER") or None,
-        "password": s.get("PASSWORD") or None,
-        "host": s.get("HOST") or None,
-        "port": s.get("PORT") or None,
-    }
-    for key, value in (s.get("OPTIONS") or {}).items():
-        if key not in ("pool", "isolation_level", "server_side_binding", "assume_role"):
-            params[key] = value
-    return {k: v for k, v in params.items() if v is not None}
+    from config import env
+
+    return env.psycopg_params_of(connection.settings_dict)
 
 
 def percentile(samples: list[float], q: float) -> float:

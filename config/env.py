@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 from django.core.exceptions import ImproperlyConfigured
 from environs import Env, EnvError
@@ -77,3 +78,35 @@ def database(name: str, url_value: str, *, pool_size: int = 10) -> dict[str, Any
     config["CONN_HEALTH_CHECKS"] = True
     config.setdefault("OPTIONS", {})["pool"] = {"min_size": 1, "max_size": pool_size, "timeout": 10}
     return config
+
+
+# Django-only keys of OPTIONS that are not libpq/psycopg connection parameters.
+_DJANGO_ONLY_OPTIONS = ("pool", "isolation_level", "server_side_binding", "assume_role")
+
+
+def database_url_of(settings_dict: dict[str, Any]) -> str:
+    """A ``postgres://`` URL for a Django database entry (for child processes' DATABASE_URL).
+
+    A unix-socket directory in HOST (the embedded server) is percent-encoded into the host part.
+    """
+    auth = quote(settings_dict.get("USER") or "", safe="")
+    if settings_dict.get("PASSWORD"):
+        auth += ":" + quote(settings_dict["PASSWORD"], safe="")
+    host = settings_dict.get("HOST") or (settings_dict.get("OPTIONS") or {}).get("host", "")
+    port = f":{settings_dict['PORT']}" if settings_dict.get("PORT") else ""
+    return f"postgres://{auth}@{quote(str(host), safe='')}{port}/{settings_dict['NAME']}"
+
+
+def psycopg_params_of(settings_dict: dict[str, Any]) -> dict[str, Any]:
+    """``psycopg.connect`` keywords for a Django database entry (a connection outside Django)."""
+    params: dict[str, Any] = {
+        "dbname": settings_dict["NAME"],
+        "user": settings_dict.get("USER") or None,
+        "password": settings_dict.get("PASSWORD") or None,
+        "host": settings_dict.get("HOST") or None,
+        "port": settings_dict.get("PORT") or None,
+    }
+    for key, value in (settings_dict.get("OPTIONS") or {}).items():
+        if key not in _DJANGO_ONLY_OPTIONS:
+            params[key] = value
+    return {key: value for key, value in params.items() if value is not None}

