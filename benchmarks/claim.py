@@ -47,7 +47,7 @@ import uuid
 from collections import Counter
 from typing import Any
 
-from benchmarks.processes import ROOT, percentile, rss_mb, session
+from benchmarks.processes import ROOT, group_cpu_seconds, percentile, rss_mb, session
 
 DEMO_TEMPLATE = ROOT / "examples" / "templates" / "demo.toml"
 POLL_INTERVAL = 0.025
@@ -236,13 +236,16 @@ def measure_api(*, per_client: int, clients: int = API_CLIENTS) -> dict[str, Any
             threading.Thread(target=client, args=(index, token), name=f"claim-client-{index}")
             for index, token in enumerate(tokens)
         ]
+        web = current.processes[0].pid  # its own process group
+        cpu_before = group_cpu_seconds(web)
         started = time.perf_counter()
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
         wall = time.perf_counter() - started
-        web_rss = rss_mb(current.processes[0].pid)
+        web_cpu = group_cpu_seconds(web) - cpu_before
+        web_rss = rss_mb(web)
 
     errors = sum(1 for status, _ in answers if status >= 500)
     not_claimed = sum(
@@ -272,6 +275,8 @@ def measure_api(*, per_client: int, clients: int = API_CLIENTS) -> dict[str, Any
         "claim_api_errors": errors,
         "claim_api_not_claimed": not_claimed,
         "claim_api_web_rss_mb": web_rss,
+        # CPU the web process(es) spent per request (warm-up rounds included in neither).
+        "claim_api_web_cpu_ms": round(web_cpu * 1000 / len(latencies), 2),
         "double_claims": double_claims,
     }
 

@@ -80,6 +80,19 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU time (user + system) the live processes of group ``pgid`` have used so far."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # exited meanwhile
+        if int(fields[2]) == pgid:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _tail(path: Path, limit: int = 3000) -> str:
     try:
         return path.read_bytes()[-limit:].decode(errors="replace")

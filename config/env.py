@@ -58,6 +58,10 @@ def url(name: str, default: str, *, schemes: set[str]) -> str:
     return value
 
 
+# Executions of a statement on one connection before psycopg prepares it (psycopg's default).
+PREPARE_THRESHOLD = 5
+
+
 def database(name: str, url_value: str, *, pool_size: int = 10) -> dict[str, Any]:
     """Parse a database URL into Django's DATABASES entry, naming ``name`` on failure."""
     import dj_database_url
@@ -76,7 +80,14 @@ def database(name: str, url_value: str, *, pool_size: int = 10) -> dict[str, Any
     # Check a pooled connection before handing it out, so a database restart costs a reconnect,
     # not a failed request or task (the pool only checks when Django asks it to).
     config["CONN_HEALTH_CHECKS"] = True
-    config.setdefault("OPTIONS", {})["pool"] = {"min_size": 1, "max_size": pool_size, "timeout": 10}
+    options = config.setdefault("OPTIONS", {})
+    options["pool"] = {"min_size": 1, "max_size": pool_size, "timeout": 10}
+    # Server-side prepared statements (Django turns them off unless asked): a statement run a
+    # few times on a pooled connection is planned once. Planning dominates our hot queries
+    # (the claim's eligibility query: ~6.5 ms to plan, 0.3 ms to run). Pooled connections live
+    # long, so the plans are reused across requests. (Behind PgBouncer in transaction mode this
+    # needs PgBouncer >= 1.21 with max_prepared_statements set.)
+    options.setdefault("prepare_threshold", PREPARE_THRESHOLD)
     return config
 
 

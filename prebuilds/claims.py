@@ -7,23 +7,41 @@ queues a delete build, so a prebuild is either claimed or deleted, never both.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import datetime
+from functools import partial
+from typing import Any, TypeVar
 from uuid import UUID
 
 import psycopg
-from django.db import IntegrityError, connection, transaction
+from django.db import connection, models, transaction
+from django.db.models.sql import InsertQuery
 from django.utils import timezone
 
 from accounts.models import SYSTEM_USER_ID, User
 from prebuilds.models import PrebuildClaim
+from workspaces import jobs, selectors
 from workspaces.models import (
     AgentLifecycle,
     BuildReason,
-    TemplateVersion,
+    ProvisionerJob,
     TemplateVersionPreset,
     Transition,
     Workspace,
+    WorkspaceAgent,
+    WorkspaceBuild,
 )
-from workspaces.services import WorkspaceConflict, build_create, workspace_name_validate
+from workspaces.services import (
+    WorkspaceConflict,
+    build_parameters,
+    job_queue,
+    workspace_name_validate,
+)
+
+M = TypeVar("M", bound=models.Model)
+
+# The database constraint behind "you already have a workspace of that name".
+NAME_CONSTRAINT = "workspace_name_unique_live"
 
 # One eligible prebuild of the preset, locked for us. No ORDER BY, on purpose: any eligible
 # prebuild will do, and without a sort the planner stops at the first match instead of
@@ -34,10 +52,10 @@ from workspaces.services import WorkspaceConflict, build_create, workspace_name_
 # claims each take a different prebuild instead of queueing behind one another; a prebuild
 # the reconciler is deleting is locked by it and skipped too.
 ELIGIBLE_PREBUILD_SQL = """
-SELECT w.id, latest.template_version_id
+SELECT w.id, w.organization_id, w.template_id, w.created_at, w.host_queue, latest.build_number
 FROM workspaces_workspace w
 JOIN LATERAL (
-    SELECT b.template_version_id, b.preset_id, b.transition, b.job_id
+    SELECT b.build_number, b.template_version_id, b.preset_id, b.transition, b.job_id
     FROM workspaces_workspacebuild b
     WHERE b.workspace_id = w.id
     ORDER BY b.build_number DESC
@@ -71,91 +89,202 @@ LIMIT 1
 FOR UPDATE OF w SKIP LOCKED
 """
 
-
-# Re-checked after the lock: is the latest build still the succeeded start we selected?
-LATEST_BUILD_SQL = """
-SELECT b.transition, j.status
-FROM workspaces_workspacebuild b
-JOIN workspaces_provisionerjob j ON j.id = b.job_id
-WHERE b.workspace_id = %s
-ORDER BY b.build_number DESC
-LIMIT 1
+# The ownership transfer, guarded: it matches nothing unless the locked prebuild still belongs
+# to the system user and its latest build is still the one we selected. A fresh statement, so
+# it sees any build committed before we took the lock (see ``_lock_eligible_prebuild``).
+TRANSFER_SQL = """
+UPDATE workspaces_workspace w
+   SET owner_id = %(owner)s, name = %(name)s, claimed_at = %(now)s, updated_at = %(now)s
+ WHERE w.id = %(workspace)s AND w.owner_id = %(system)s AND NOT w.deleted
+   AND (SELECT max(b.build_number) FROM workspaces_workspacebuild b
+         WHERE b.workspace_id = w.id) = %(latest)s
 """
 
-# A few rounds are plenty: each round's statement sees every build committed before it.
+# The claimed workspace's current agents, as the answer shows them.
+CURRENT_AGENTS_SQL = """
+SELECT a.id, a.name, a.lifecycle_state, a.initialized_owner_id
+FROM workspaces_workspaceagent a
+WHERE a.workspace_id = %s AND a.retired_at IS NULL
+ORDER BY a.name, a.id
+"""
+
+# A few rounds are plenty: each round's statements see every build committed before them.
 LOCK_ATTEMPTS = 3
 
 
-def _lock_eligible_prebuild(preset: TemplateVersionPreset) -> tuple | None:
-    """Lock one eligible prebuild; ``(workspace_id, template_version_id)`` or None.
+@dataclass(frozen=True)
+class _Locked:
+    """What the claim needs of the prebuild it locked (read under the lock: current)."""
+
+    id: UUID
+    organization_id: UUID
+    template_id: UUID
+    created_at: datetime
+    host_queue: str
+    latest_build_number: int
+
+
+def _lock_and_transfer(
+    cursor: psycopg.Cursor, preset: TemplateVersionPreset, transfer: dict[str, Any]
+) -> _Locked | None:
+    """Lock one eligible prebuild and give it to the new owner; None when there is none.
 
     Race: the selecting statement judges builds by its snapshot, taken before it waits for
     nothing (SKIP LOCKED) and locks the row. If the reconciler committed a delete build for
-    that workspace in between, FOR UPDATE re-checks the workspace row but not the builds, so we
-    re-read the latest build in a fresh statement and, if it changed, look again — a statement
-    issued now sees that build and no longer selects the workspace.
+    that workspace in between, FOR UPDATE re-checks the workspace row but not the builds. The
+    transfer is therefore a fresh statement guarded by "the latest build is still the one we
+    selected"; when it matches nothing we look again — a statement issued now sees that build
+    and no longer selects the workspace. Once we hold the lock nobody can add a build (the
+    reconciler and ``build_create`` take the same row lock first).
     """
     params = {"system": SYSTEM_USER_ID, "preset": preset.id, "ready": AgentLifecycle.READY}
-    connection.ensure_connection()
-    # A server-side prepared statement on Django's connection (same transaction): planning this
-    # query costs more than running it, and pooled connections keep the plan between requests.
-    with psycopg.Cursor(connection.connection) as cursor:
-        for _ in range(LOCK_ATTEMPTS):
-            cursor.execute(ELIGIBLE_PREBUILD_SQL, params, prepare=True)
-            row = cursor.fetchone()
-            if row is None:
-                return None
-            cursor.execute(LATEST_BUILD_SQL, [row[0]], prepare=True)
-            if cursor.fetchone() == (Transition.START, "succeeded"):
-                return row
+    for _ in range(LOCK_ATTEMPTS):
+        cursor.execute(ELIGIBLE_PREBUILD_SQL, params, prepare=True)
+        row = cursor.fetchone()
+        if row is None:
+            return None
+        locked = _Locked(*row)
+        cursor.execute(
+            TRANSFER_SQL,
+            {**transfer, "workspace": locked.id, "latest": locked.latest_build_number},
+            prepare=True,
+        )
+        if cursor.rowcount == 1:
+            return locked
     return None
+
+
+def _insert_sql(instance: models.Model) -> tuple[str, list[Any]]:
+    """The ``INSERT`` Django would run for ``instance`` (defaults applied) and its parameters."""
+    meta = instance._meta
+    fields = [
+        f for f in meta.local_concrete_fields if not (f is meta.auto_field and instance.pk is None)
+    ]
+    query = InsertQuery(type(instance))
+    query.insert_values(fields, [instance])
+    [(sql, params)] = query.get_compiler(connection=connection).as_sql()
+    return sql, list(params)
+
+
+def _insert_all_and_read_agents(
+    cursor: psycopg.Cursor, rows: list[models.Model], workspace_id: UUID
+) -> list[WorkspaceAgent]:
+    """Insert ``rows`` (in order) and read the workspace's current agents: one round trip."""
+    parts, params = [], []
+    for index, row in enumerate(rows):
+        sql, values = _insert_sql(row)
+        parts.append(f"insert_{index} AS ({sql})")
+        params.extend(values)
+    # Data-modifying WITH clauses always run, whether or not the final SELECT reads them.
+    cursor.execute(
+        f"WITH {', '.join(parts)} {CURRENT_AGENTS_SQL}", [*params, workspace_id], prepare=True
+    )
+    for row in rows:
+        _saved(row)
+    return [
+        _saved(
+            WorkspaceAgent(
+                id=agent_id,
+                workspace_id=workspace_id,
+                name=name,
+                lifecycle_state=state,
+                initialized_owner_id=initialized_owner_id,
+            )
+        )
+        for agent_id, name, state, initialized_owner_id in cursor.fetchall()
+    ]
+
+
+def _saved(instance: M) -> M:
+    """Mark ``instance`` as a row of the database (a later ``save()`` updates, not inserts)."""
+    instance._state.adding, instance._state.db = False, connection.alias
+    return instance
 
 
 def claim_prebuild(user: User, preset: TemplateVersionPreset, name: str) -> Workspace | None:
     """Transfer one eligible prebuild of ``preset`` to ``user`` under ``name``.
 
     In one transaction: lock an eligible prebuild (skipping ones locked by other claims or by
-    the reconciler), set owner, name and ``claimed_at``, and insert a ``start`` build marked as
-    a claim, initiated by ``user``. Returns the workspace, or None when no prebuild is eligible
-    (the caller then runs a normal build). Two concurrent claims never get the same workspace.
+    the reconciler), set owner, name and ``claimed_at``, insert a ``start`` build marked as a
+    claim, initiated by ``user``, with its pending job (enqueued after commit), and record the
+    claim (``PrebuildClaim``). Returns the workspace loaded as
+    ``workspaces.selectors.workspace_queryset()`` loads it (latest build, current agents), or
+    None when no prebuild is eligible (the caller then runs a normal build). Two concurrent
+    claims never get the same workspace.
 
     Raises ``WorkspaceError`` for a bad name and ``WorkspaceConflict`` when ``user`` already has
     a live workspace of that name; in both cases nothing changes and the prebuild stays in the
     pool. Membership checks are the caller's (``workspaces.creation``).
+
+    Cost: the claim is the hot path of the product (users waiting, bursts at the start of a
+    working day), so it is three statements and a commit — lock, guarded transfer, one
+    statement inserting job, build and claim record and reading the agents — with server-side
+    prepared plans, instead of the ORM's two dozen round trips.
     """
     workspace_name_validate(name)
+    version = preset.template_version
+    now = timezone.now()
+    transfer = {"system": SYSTEM_USER_ID, "owner": user.id, "name": name, "now": now}
     with transaction.atomic():
-        row = _lock_eligible_prebuild(preset)
-        if row is None:
-            return None
-        workspace_id, version_id = row
-        try:
-            with transaction.atomic():
-                # The row is locked by us; the owner check only documents the invariant.
-                Workspace.objects.filter(id=workspace_id, owner_id=SYSTEM_USER_ID).update(
-                    owner=user, name=name, claimed_at=timezone.now()
-                )
-        except IntegrityError:
-            raise WorkspaceConflict(
-                "name_taken", f"name: you already have a workspace named {name!r}."
-            ) from None
-        workspace = Workspace.objects.select_related("owner", "template").get(id=workspace_id)
-        build_create(
-            workspace=workspace,
-            transition=Transition.START,
-            initiator=user,
-            reason=BuildReason.CLAIM,
-            is_claim=True,
-            template_version=TemplateVersion.objects.get(id=version_id),
-            preset=preset,
+        connection.ensure_connection()
+        # Server-side prepared statements on Django's connection (same transaction): planning
+        # these costs more than running them, and pooled connections keep plans across requests.
+        with psycopg.Cursor(connection.connection) as cursor:
+            try:
+                locked = _lock_and_transfer(cursor, preset, transfer)
+            except psycopg.errors.UniqueViolation as exc:
+                if exc.diag.constraint_name != NAME_CONSTRAINT:
+                    raise
+                raise WorkspaceConflict(
+                    "name_taken", f"name: you already have a workspace named {name!r}."
+                ) from None
+            if locked is None:
+                return None
+            queue = job_queue(version=version, host_queue=locked.host_queue)
+            job = ProvisionerJob(organization_id=locked.organization_id, queue=queue)
+            build = WorkspaceBuild(
+                workspace_id=locked.id,
+                build_number=locked.latest_build_number + 1,
+                transition=Transition.START,
+                template_version=version,
+                preset=preset,
+                parameters=build_parameters(version, preset),
+                initiator=user,
+                reason=BuildReason.CLAIM,
+                is_claim=True,
+                job=job,
+            )
+            record = PrebuildClaim(
+                preset=preset, user=user, workspace_id=locked.id, claimed=True, requested_at=now
+            )
+            agents = _insert_all_and_read_agents(cursor, [job, build, record], locked.id)
+        transaction.on_commit(partial(jobs.job_enqueue, job.id, queue))
+    template = version.template  # loaded with the preset by the callers: no query
+    workspace = _saved(
+        Workspace(
+            id=locked.id,
+            organization=template.organization,
+            template=template,
+            owner=user,
+            name=name,
+            claimed_at=now,
+            host_queue=locked.host_queue,
+            created_at=locked.created_at,
+            updated_at=now,
         )
-        return workspace
+    )
+    setattr(workspace, selectors.LATEST_BUILDS, [build])
+    setattr(workspace, selectors.CURRENT_AGENTS, agents)
+    return workspace
 
 
 def claim_record(
     *, user: User, preset: TemplateVersionPreset, workspace: Workspace | None
 ) -> PrebuildClaim:
-    """Record a claim (``workspace`` given) or a miss, for metrics and the dashboards."""
+    """Record a claim (``workspace`` given) or a miss, for metrics and the dashboards.
+
+    ``claim_prebuild`` records its claims itself, in the claim's transaction.
+    """
     return PrebuildClaim.objects.create(
         preset=preset, user=user, workspace=workspace, claimed=workspace is not None
     )

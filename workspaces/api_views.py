@@ -83,7 +83,8 @@ def workspaces(request: HttpRequest) -> JsonResponse:
     user = request.api_user
     template = preset = None
     if preset_id is not None:
-        preset = selectors.preset_get_usable(user=user, preset_id=preset_id)
+        # Who may use it is checked by workspace_request (one membership query, not two).
+        preset = selectors.preset_get(preset_id=preset_id)
         if preset is None:
             raise ApiError(404, "not_found", "template_version_preset_id: no such preset.")
     else:
@@ -94,8 +95,7 @@ def workspaces(request: HttpRequest) -> JsonResponse:
         created = workspace_request(user=user, name=name, template=template, preset=preset)
     except WorkspaceError as exc:
         raise _service_error(exc) from None
-    workspace = selectors.workspace_queryset().get(id=created.id)
-    return JsonResponse(serializers.workspace_json(workspace), status=201)
+    return JsonResponse(serializers.workspace_json(selectors.workspace_loaded(created)), status=201)
 
 
 @api_view(("GET",))

@@ -34,9 +34,8 @@ def workspace_request(
 
     Guarantees:
 
-    - the template (given, or the preset's) belongs to an organization ``user`` is a member of,
-      else ``WorkspaceNotFound`` (404) — the callers' lookups already restrict to usable rows,
-      this is the last line of defence for new callers;
+    - the template (given, or the preset's) belongs to an organization ``user`` is a member of
+      and is not deleted, else ``WorkspaceNotFound`` (404, worded like an unknown id);
     - a preset must sit on its template's *active* version, else ``WorkspaceConflict``
       (409 ``preset_inactive``): the preset existed, but the template has moved on;
     - name rules and the "name taken" conflict come from ``workspace_create``
@@ -56,7 +55,13 @@ def workspace_request(
         template = preset.template_version.template
     assert template is not None
     if template.deleted or not selectors.user_may_use_template(user=user, template=template):
-        raise WorkspaceNotFound("not_found", "No such template or preset.")
+        # Word for word what the API answers for an unknown id: existence is not revealed.
+        raise WorkspaceNotFound(
+            "not_found",
+            "template_version_preset_id: no such preset."
+            if preset is not None
+            else "template_id: no such template.",
+        )
     # Race: an operator may switch the active version between this check and the insert. That
     # is benign — the workspace is built on the version that was active when we read it, and
     # versions are immutable and never removed while builds use them — so no row lock here
@@ -74,8 +79,8 @@ def workspace_request(
         # The preset keeps a pool: hand over a ready prebuild if there is one (DESIGN.md §6).
         from prebuilds.claims import claim_prebuild, claim_record
 
-        claimed = claim_prebuild(user, preset, name)
-        claim_record(user=user, preset=preset, workspace=claimed)
+        claimed = claim_prebuild(user, preset, name)  # records the claim itself
         if claimed is not None:
             return claimed
+        claim_record(user=user, preset=preset, workspace=None)
     return workspace_create(owner=user, template=template, name=name, preset=preset)

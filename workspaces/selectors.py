@@ -114,12 +114,20 @@ def preset_usable_queryset(*, user: User, active_only: bool = False) -> QuerySet
     return queryset
 
 
-def preset_get_usable(*, user: User, preset_id: object) -> TemplateVersionPreset | None:
-    """The preset with this id if its template is usable by ``user``, else None."""
+def preset_get(*, preset_id: object) -> TemplateVersionPreset | None:
+    """The preset with this id (version, template and organization selected), or None.
+
+    No visibility rule: for callers that check use themselves (``workspaces.creation``), so
+    the hot "new workspace from a preset" path reads the preset in one lean query.
+    """
     parsed = parse_uuid(preset_id)
     if parsed is None:
         return None
-    return preset_usable_queryset(user=user).filter(id=parsed).first()
+    return (
+        TemplateVersionPreset.objects.select_related("template_version__template__organization")
+        .filter(id=parsed)
+        .first()
+    )
 
 
 def user_may_use_template(*, user: User, template: Template) -> bool:
@@ -151,6 +159,14 @@ def workspace_queryset() -> QuerySet[Workspace]:
         Prefetch("builds", queryset=latest, to_attr=LATEST_BUILDS),
         Prefetch("agents", queryset=agents, to_attr=CURRENT_AGENTS),
     )
+
+
+def workspace_loaded(workspace: Workspace) -> Workspace:
+    """``workspace`` as ``workspace_queryset()`` loads it: itself when it already is (a claim
+    answers so), else fetched again."""
+    if hasattr(workspace, LATEST_BUILDS) and hasattr(workspace, CURRENT_AGENTS):
+        return workspace
+    return workspace_queryset().get(id=workspace.id)
 
 
 def workspace_visible_queryset(*, user: User) -> QuerySet[Workspace]:

@@ -122,6 +122,16 @@ def workspace_create(
     return workspace
 
 
+def job_queue(*, version: TemplateVersion, host_queue: str) -> str:
+    """The Celery queue of a build's job on ``version`` for a workspace with ``host_queue``.
+
+    Later builds of a local workspace must run on the worker host that holds its processes.
+    """
+    if version.provisioner == Provisioner.LOCAL and host_queue:
+        return host_queue
+    return "default"
+
+
 @transaction.atomic
 def build_create(
     *,
@@ -163,10 +173,7 @@ def build_create(
     if template_version is None and preset is None and latest is not None:
         preset = latest.preset
     number = (latest.build_number if latest is not None else 0) + 1
-    # Later builds of a local workspace must run on the worker host that holds its processes.
-    queue = "default"
-    if version.provisioner == Provisioner.LOCAL and locked.host_queue:
-        queue = locked.host_queue
+    queue = job_queue(version=version, host_queue=locked.host_queue)
     job = ProvisionerJob.objects.create(organization_id=locked.organization_id, queue=queue)
     build = WorkspaceBuild.objects.create(
         workspace=locked,
