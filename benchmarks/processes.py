@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,17 +80,25 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """CPU time (user + system) the live processes of group ``pgid`` have used so far."""
-    ticks = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+def cpu_seconds(pids: Iterable[int]) -> dict[int, float]:
+    """CPU time (user + system) each live process of ``pids`` has used so far."""
+    found = {}
+    for pid in pids:
         try:
-            fields = stat.read_text().rpartition(")")[2].split()
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
         except OSError:
-            continue  # exited meanwhile
-        if int(fields[2]) == pgid:
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
+            continue  # exited, or not on this machine
+        found[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return found
+
+
+def database_backends() -> list[int]:
+    """Process ids of the database server's backends connected to our database."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+        return [pid for (pid,) in cursor.fetchall()]
 
 
 def _tail(path: Path, limit: int = 3000) -> str:

@@ -36,6 +36,9 @@ PREBUILDS_FAILURE_HARD_LIMIT = env.int_("PREBUILDS_FAILURE_HARD_LIMIT", 3, minim
 # periodic sweep declares the worker lost and fails the job.
 PROVISIONER_HEARTBEAT_INTERVAL = env.float_("PROVISIONER_HEARTBEAT_INTERVAL", 2, minimum=0.1)
 PROVISIONER_HEARTBEAT_TIMEOUT = env.float_("PROVISIONER_HEARTBEAT_TIMEOUT", 60, minimum=1)
+# How long a job for one worker host (a local workspace's later builds) may stay pending before
+# the sweep fails it: its host is most likely gone for good. 0: wait forever.
+PROVISIONER_HOST_QUEUE_TIMEOUT = env.float_("PROVISIONER_HOST_QUEUE_TIMEOUT", 600, minimum=0)
 # How long a start build waits for its agents to report ready (their startup scripts); a
 # start_error or this timeout fails the build. 0: builds do not wait for agents.
 PROVISIONER_AGENT_READY_TIMEOUT = env.float_("PROVISIONER_AGENT_READY_TIMEOUT", 600, minimum=0)

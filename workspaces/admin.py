@@ -26,7 +26,7 @@ from workspaces.models import (
     WorkspaceAgent,
     WorkspaceBuild,
 )
-from workspaces.services import WorkspaceError, build_create
+from workspaces.services import WorkspaceError, build_create, workspaces_forget_host
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -233,7 +233,7 @@ class WorkspaceAdmin(admin.ModelAdmin):
         "updated_at",
     )
     inlines = [BuildInline, AgentInline]
-    actions = ["queue_stop_build", "queue_delete_build"]
+    actions = ["queue_stop_build", "queue_delete_build", "forget_host"]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -267,6 +267,21 @@ class WorkspaceAdmin(admin.ModelAdmin):
     @admin.action(description="Queue delete build", permissions=["queue_build"])
     def queue_delete_build(self, request: HttpRequest, queryset: QuerySet) -> None:
         self._queue(request, queryset, Transition.DELETE)
+
+    def has_forget_host_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("workspaces.change_workspace")
+
+    @admin.action(
+        description="Forget worker host (next builds run on any worker)",
+        permissions=["forget_host"],
+    )
+    def forget_host(self, request: HttpRequest, queryset: QuerySet) -> None:
+        changed = workspaces_forget_host(workspace_ids=queryset.values_list("id", flat=True))
+        self.message_user(
+            request,
+            f"{changed} workspace(s) no longer tied to a worker host; queue a build to go on.",
+            messages.SUCCESS,
+        )
 
 
 @admin.register(WorkspaceBuild)

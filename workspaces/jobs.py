@@ -182,6 +182,41 @@ def jobs_fail_stale(*, timeout: timedelta) -> list[UUID]:
     return failed
 
 
+def jobs_fail_unserved_host_jobs(*, timeout: timedelta) -> list[UUID]:
+    """Fail jobs pending on a worker host's own queue for longer than ``timeout``.
+
+    A local workspace's later builds can only run on the host holding its processes (see
+    ``workspaces.routing``). When that host is gone for good, nothing will ever consume its
+    queue, and re-enqueueing the job forever would leave the build "pending" with no word of
+    why: it fails instead, saying which host never came, so an operator can act (a prebuild
+    failing this way also counts towards its preset's backoff). Returns the ids failed.
+    """
+    cutoff = timezone.now() - timeout
+    unserved = ProvisionerJob.objects.filter(
+        status=JobStatus.PENDING,
+        queue__startswith=routing.HOST_QUEUE_PREFIX,
+        created_at__lt=cutoff,
+    )
+    failed = []
+    for job_id, queue in unserved.values_list("id", "queue")[:REQUEUE_BATCH]:
+        host = queue.removeprefix(routing.HOST_QUEUE_PREFIX)
+        minutes = timeout.total_seconds() / 60
+        message = (
+            f"No worker on host {host!r} took this job within {minutes:g} minutes. The "
+            "workspace's processes live on that host; if it is gone for good, use the admin "
+            'action "Forget worker host" on the workspace: its next builds run on any worker.\n'
+        )
+        if unserved.filter(id=job_id).update(
+            status=JobStatus.FAILED,
+            completed_at=timezone.now(),
+            error=f"Worker host {host!r} unavailable.",
+            logs=Concat(F("logs"), Value(message)),
+        ):
+            logger.warning("job_failed_host_unavailable job=%s queue=%s", job_id, queue)
+            failed.append(job_id)
+    return failed
+
+
 def jobs_requeue_pending(*, older_than: timedelta = REQUEUE_PENDING_AFTER) -> list[UUID]:
     """Re-enqueue pending jobs created more than ``older_than`` ago; return their ids.
 

@@ -8,14 +8,16 @@ does not exist yet). Execution lives in ``workspaces.jobs``.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from functools import partial
+from uuid import UUID
 
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from accounts import tokens
 from accounts.models import User
-from workspaces import jobs
+from workspaces import jobs, routing
 from workspaces.models import (
     ACTIVE_JOB_STATUSES,
     BuildReason,
@@ -129,7 +131,7 @@ def job_queue(*, version: TemplateVersion, host_queue: str) -> str:
     """
     if version.provisioner == Provisioner.LOCAL and host_queue:
         return host_queue
-    return "default"
+    return routing.DEFAULT_QUEUE
 
 
 @transaction.atomic
@@ -189,6 +191,21 @@ def build_create(
     )
     transaction.on_commit(partial(jobs.job_enqueue, job.id, queue))
     return build
+
+
+def workspaces_forget_host(*, workspace_ids: Iterable[UUID]) -> int:
+    """Let the next builds of these workspaces run on any worker; answer how many changed.
+
+    For when the worker host that held a local workspace's processes is gone for good: its
+    builds would wait for that host forever (and fail after ``PROVISIONER_HOST_QUEUE_TIMEOUT``).
+    The processes went with the host, so a delete build succeeds anywhere (it finds nothing to
+    stop) and a start build starts them afresh on the worker that takes it.
+    """
+    return (
+        Workspace.objects.filter(id__in=list(workspace_ids))
+        .exclude(host_queue="")
+        .update(host_queue="", updated_at=timezone.now())
+    )
 
 
 AGENT_TOKEN_PREFIX = "wsa"

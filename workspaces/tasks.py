@@ -51,5 +51,11 @@ def fail_stale_jobs() -> int:
 
 @shared_task(name="workspaces.requeue_pending_jobs", ignore_result=True)
 def requeue_pending_jobs() -> int:
-    """Re-enqueue pending jobs whose message may have been lost; answer how many."""
+    """Re-enqueue pending jobs whose message may have been lost; answer how many.
+
+    Jobs waiting too long for a worker host that never comes are failed first, not re-enqueued.
+    """
+    if settings.PROVISIONER_HOST_QUEUE_TIMEOUT > 0:
+        timeout = timedelta(seconds=settings.PROVISIONER_HOST_QUEUE_TIMEOUT)
+        jobs.jobs_fail_unserved_host_jobs(timeout=timeout)
     return len(jobs.jobs_requeue_pending(older_than=jobs.REQUEUE_PENDING_AFTER))

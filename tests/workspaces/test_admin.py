@@ -228,3 +228,44 @@ def test_it_limits_the_active_version_choice_to_the_templates_own_versions(staff
 
     assert str(template.active_version_id) in body
     assert str(other.active_version_id) not in body
+
+
+def test_forget_worker_host_lets_the_next_build_run_on_any_worker(staff_client, rows):
+    workspace = rows["workspace"]
+    version = workspace.template.active_version
+    version_is_local = version.provisioner == "local"
+    type(workspace).objects.filter(id=workspace.id).update(host_queue="host.gone-for-good")
+
+    response = staff_client.post(
+        "/admin/workspaces/workspace/",
+        {"action": "forget_host", "_selected_action": [str(workspace.id)]},
+        follow=True,
+    )
+    staff_client.post(
+        "/admin/workspaces/workspace/",
+        {"action": "queue_delete_build", "_selected_action": [str(workspace.id)]},
+    )
+
+    workspace.refresh_from_db()
+    assert workspace.host_queue == ""
+    assert "1 workspace(s) no longer tied to a worker host" in response.content.decode()
+    assert version_is_local  # else the queue below would say nothing about the host
+    assert workspace.builds.get(build_number=2).job.queue == "default"
+
+
+def test_forget_worker_host_needs_the_change_permission(client, rows):
+    viewer = UserFactory(username="viewer", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_workspace"))
+    client.force_login(viewer)
+    workspace = rows["workspace"]
+    type(workspace).objects.filter(id=workspace.id).update(host_queue="host.elsewhere")
+
+    page = client.get("/admin/workspaces/workspace/").content.decode()
+    client.post(
+        "/admin/workspaces/workspace/",
+        {"action": "forget_host", "_selected_action": [str(workspace.id)]},
+    )
+
+    workspace.refresh_from_db()
+    assert "forget_host" not in page
+    assert workspace.host_queue == "host.elsewhere"

@@ -594,3 +594,38 @@ class TestTasks:
             assert str(running.id) not in _queued_job_ids(client, queue)
         finally:
             client.delete(queue)
+
+    def test_jobs_pending_for_a_gone_worker_host_fail_instead_of_waiting_forever(self, settings):
+        settings.PROVISIONER_HOST_QUEUE_TIMEOUT = 600
+        gone = routing.host_queue(f"gone-{uuid4().hex[:8]}")
+        long_ago = timezone.now() - timedelta(minutes=11)
+        stranded = JobFactory(queue=gone, created_at=long_ago)
+        waiting = JobFactory(queue=gone, created_at=timezone.now() - timedelta(minutes=5))
+        anywhere = JobFactory(queue=routing.DEFAULT_QUEUE, created_at=long_ago)
+        client = _broker()
+        try:
+            assert tasks.requeue_pending_jobs() == 2  # the two still worth waiting for
+
+            stranded.refresh_from_db()
+            assert stranded.status == JobStatus.FAILED and stranded.completed_at is not None
+            assert stranded.error == f"Worker host {gone.removeprefix('host.')!r} unavailable."
+            assert "Forget worker host" in stranded.logs
+            assert status_of(waiting.id) == JobStatus.PENDING
+            assert status_of(anywhere.id) == JobStatus.PENDING
+            # The failed one is not re-enqueued; the one still worth waiting for is.
+            assert _queued_job_ids(client, gone) == [str(waiting.id)]
+        finally:
+            client.delete(gone, routing.DEFAULT_QUEUE)
+
+    def test_a_host_queue_timeout_of_zero_waits_forever(self, settings):
+        settings.PROVISIONER_HOST_QUEUE_TIMEOUT = 0
+        gone = routing.host_queue(f"gone-{uuid4().hex[:8]}")
+        job = JobFactory(queue=gone, created_at=timezone.now() - timedelta(days=2))
+        client = _broker()
+        try:
+            assert tasks.requeue_pending_jobs() == 1
+
+            assert status_of(job.id) == JobStatus.PENDING
+            assert _queued_job_ids(client, gone) == [str(job.id)]
+        finally:
+            client.delete(gone)
