@@ -150,7 +150,7 @@ class PrebuildsCollector(Collector):
         )
         paused.add_metric([], 1.0 if reconciliation_paused() else 0.0)
         yield paused
-        yield self._durations()
+        yield from self._passes()
 
     def _history(self) -> Iterator[Metric]:
         params = {"system_user": SYSTEM_USER_ID}
@@ -240,22 +240,30 @@ class PrebuildsCollector(Collector):
             limited.add_metric(labels, value)
         yield limited
 
-    def _durations(self) -> Metric:
+    def _passes(self) -> Iterator[Metric]:
         since = timezone.now() - DURATION_WINDOW
         columns = ", ".join(
             f"COUNT(*) FILTER (WHERE duration_seconds <= {bound!r})" for bound in DURATION_BUCKETS
         )
         row = _rows(
-            f"SELECT COUNT(*), COALESCE(SUM(duration_seconds), 0), {columns} "
+            "SELECT (SELECT EXTRACT(EPOCH FROM MAX(started_at)) FROM prebuilds_reconciliationpass"
+            "        WHERE lock_acquired), "
+            f"COUNT(*), COALESCE(SUM(duration_seconds), 0), {columns} "
             "FROM prebuilds_reconciliationpass WHERE lock_acquired AND started_at >= %(since)s",
             {"since": since},
         )[0]
-        count, total, cumulative = row[0], row[1], row[2:]
+        newest, count, total, cumulative = row[0], row[1], row[2], row[3:]
+        last = GaugeMetricFamily(
+            "prebuilds_reconciliation_last_pass_timestamp_seconds",
+            "Unix time the newest reconciliation pass that held the lock started (0: none yet).",
+        )
+        last.add_metric([], float(newest or 0))
+        yield last
         buckets = [
             (repr(bound), value) for bound, value in zip(DURATION_BUCKETS, cumulative, strict=True)
         ]
         buckets.append(("+Inf", count))
-        return GaugeHistogramMetricFamily(
+        yield GaugeHistogramMetricFamily(
             "prebuilds_reconciliation_duration_seconds",
             "Durations of the reconciliation passes of the last hour.",
             buckets=buckets,

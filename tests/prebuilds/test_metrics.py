@@ -105,6 +105,21 @@ def test_the_duration_histogram_counts_recent_passes_that_held_the_lock(staff_cl
     assert values[("prebuilds_reconciliation_paused", frozenset())] == 0
 
 
+def test_the_last_pass_timestamp_is_the_newest_pass_that_held_the_lock(staff_client):
+    key = ("prebuilds_reconciliation_last_pass_timestamp_seconds", frozenset())
+    assert samples(staff_client.get("/metrics").content.decode())[key] == 0  # none yet: alert
+
+    now = timezone.now()
+    ReconciliationPass.objects.create(started_at=now - timedelta(hours=3), duration_seconds=1)
+    newest = ReconciliationPass.objects.create(
+        started_at=now - timedelta(minutes=2), duration_seconds=1
+    )
+    ReconciliationPass.objects.create(started_at=now, duration_seconds=0, lock_acquired=False)
+
+    values = samples(staff_client.get("/metrics").content.decode())
+    assert values[key] == pytest.approx(newest.started_at.timestamp())
+
+
 def test_it_collects_in_a_fixed_number_of_queries(django_assert_max_num_queries):
     for _ in range(30):
         preset = PresetFactory(desired_instances=1)
