@@ -150,16 +150,24 @@ def api_view(
                         403, "csrf_failed", "CSRF check failed for a session request."
                     )
             request.api_user = user
-            try:
-                return view(request, *args, **kwargs)
-            except ApiError as exc:
-                return error_response(exc.status, exc.error, exc.detail)
-            except RequestDataTooBig:
-                return error_response(413, "request_too_large", TOO_LARGE_DETAIL)
+            return call_answering_errors(view, request, *args, **kwargs)
 
         return csrf_exempt(wrapper)
 
     return decorator
+
+
+def call_answering_errors(
+    view: Callable[..., HttpResponse], request: HttpRequest, *args: Any, **kwargs: Any
+) -> HttpResponse:
+    """Call ``view``; an ``ApiError`` it raises (or a body over the size limit) becomes the
+    JSON error answer. Shared by every decorator of JSON endpoints (users' and agents')."""
+    try:
+        return view(request, *args, **kwargs)
+    except ApiError as exc:
+        return error_response(exc.status, exc.error, exc.detail)
+    except RequestDataTooBig:
+        return error_response(413, "request_too_large", TOO_LARGE_DETAIL)
 
 
 def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:

@@ -19,6 +19,7 @@ from django.views.decorators.csrf import csrf_exempt
 from accounts import ratelimit, tokens
 from accounts.api import (
     ApiError,
+    call_answering_errors,
     error_response,
     method_not_allowed,
     rate_limited_response,
@@ -57,10 +58,7 @@ def agent_view(
             if agent is None:
                 return error_response(401, "unauthorized", UNAUTHORIZED_DETAIL)
             request.agent = agent
-            try:
-                return view(request, *args, **kwargs)
-            except ApiError as exc:
-                return error_response(exc.status, exc.error, exc.detail)
+            return call_answering_errors(view, request, *args, **kwargs)
 
         return csrf_exempt(wrapper)
 
