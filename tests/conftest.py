@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -44,4 +45,31 @@ def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix):
     from django.conf import settings
 
     database = settings.DATABASES["default"]
-    database.setdefault("TEST", {})["NAME"] = f"test_{database['NAME']}_{os.getpid()}"
+    prefix = f"test_{database['NAME']}_"
+    database.setdefault("TEST", {})["NAME"] = f"{prefix}{os.getpid()}"
+    _drop_abandoned_test_databases(database, prefix)
+
+
+def _drop_abandoned_test_databases(database: dict, prefix: str) -> None:
+    """Drop test databases of earlier runs that died before their teardown.
+
+    A run killed midway (timeout, Ctrl-C) leaves its ``<prefix><pid>`` database behind, and
+    the embedded server would collect them run after run. Only databases that nobody is
+    connected to go (no FORCE), so a run still going — here or on another machine sharing the
+    server — keeps its database.
+    """
+    import psycopg
+    from psycopg import sql
+
+    from config import env
+
+    params = {**env.psycopg_params_of(database), "dbname": "postgres"}
+    with psycopg.connect(**params, autocommit=True) as admin:
+        names = admin.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE %s "
+            "AND datname NOT IN (SELECT datname FROM pg_stat_activity WHERE datname IS NOT NULL)",
+            [prefix.replace("_", r"\_") + "%"],
+        ).fetchall()
+        for (name,) in names:
+            with contextlib.suppress(psycopg.Error):  # someone connected meanwhile: keep it
+                admin.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(name)))
