@@ -14,6 +14,9 @@ keep-alive connections, each sending its next request as soon as the previous an
   token per client, every name unique.
 - ``load_dashboard_<c>_*``: ``GET /prebuilds/`` as HTMX (the live fragment the overview
   polls), with a staff session.
+- ``load_me_<c>_*``: ``GET /api/v2/users/me`` with an API token, the cheapest authenticated API
+  request (rate-limit check, token lookup, a small JSON answer): the web tier's floor under the
+  same load, against which the claim's figures can be read.
 
 Each gives ``_rps`` (answers per second), ``_p50_ms``, ``_p99_ms`` and ``_5xx`` (5xx answers plus
 transport errors; the goal is 0).
@@ -116,6 +119,10 @@ def run(*, quick: bool) -> dict[str, Any]:
             response = await client.get(f"{base}/prebuilds/", headers={"HX-Request": "true"})
             return response.status_code
 
+        async def me(client: httpx.AsyncClient, n: int) -> int:
+            response = await client.get(f"{base}/api/v2/users/me")
+            return response.status_code
+
         async def measure(concurrency: int, round_: int) -> None:
             clients = [
                 httpx.AsyncClient(
@@ -140,6 +147,8 @@ def run(*, quick: bool) -> dict[str, Any]:
                 results.update(_summary(f"load_claim_{concurrency}", *summary))
                 summary = await _drive([(c, dashboard) for c in staff], seconds)
                 results.update(_summary(f"load_dashboard_{concurrency}", *summary))
+                summary = await _drive([(c, me) for c in clients], seconds)
+                results.update(_summary(f"load_me_{concurrency}", *summary))
             finally:
                 for client in clients + staff:
                     await client.aclose()
