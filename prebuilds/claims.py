@@ -100,9 +100,10 @@ UPDATE workspaces_workspace w
          WHERE b.workspace_id = w.id) = %(latest)s
 """
 
-# The claimed workspace's current agents, as the answer shows them.
-CURRENT_AGENTS_SQL = """
-SELECT a.id, a.name, a.lifecycle_state, a.initialized_owner_id
+# The claimed workspace's current agents, with what the answer shows of them.
+AGENT_COLUMNS = ("id", "workspace_id", "name", "lifecycle_state", "initialized_owner_id")
+CURRENT_AGENTS_SQL = f"""
+SELECT {", ".join(f"a.{column}" for column in AGENT_COLUMNS)}
 FROM workspaces_workspaceagent a
 WHERE a.workspace_id = %s AND a.retired_at IS NULL
 ORDER BY a.name, a.id
@@ -181,18 +182,16 @@ def _insert_all_and_read_agents(
     )
     for row in rows:
         _saved(row)
-    return [
-        _saved(
-            WorkspaceAgent(
-                id=agent_id,
-                workspace_id=workspace_id,
-                name=name,
-                lifecycle_state=state,
-                initialized_owner_id=initialized_owner_id,
-            )
+    # Partial rows, loaded the way ``.only()`` loads them: the other fields are deferred (read
+    # on access), so a later ``save()`` writes back only what was read.
+    loaded = [f.attname for f in WorkspaceAgent._meta.concrete_fields if f.attname in AGENT_COLUMNS]
+    agents = []
+    for values in cursor.fetchall():
+        by_name = dict(zip(AGENT_COLUMNS, values, strict=True))
+        agents.append(
+            WorkspaceAgent.from_db(connection.alias, loaded, [by_name[n] for n in loaded])
         )
-        for agent_id, name, state, initialized_owner_id in cursor.fetchall()
-    ]
+    return agents
 
 
 def _saved(instance: M) -> M:

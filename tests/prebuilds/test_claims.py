@@ -157,3 +157,23 @@ def test_fifty_concurrent_claims_on_a_pool_of_twenty_never_share_a_workspace():
     owners = Workspace.objects.filter(id__in=pool).values_list("owner_id", flat=True)
     assert len(set(owners)) == 20 and SYSTEM_USER_ID not in owners
     assert WorkspaceBuild.objects.filter(is_claim=True).count() == 20
+
+
+def test_it_answers_the_workspace_loaded_for_the_answer_without_another_query(
+    django_assert_num_queries,
+):
+    from workspaces import selectors, serializers
+
+    preset = PresetFactory()
+    pool = prebuild(preset, agents=2)
+    alice = UserFactory()
+    workspace = claim_prebuild(alice, preset, "dev")
+
+    with django_assert_num_queries(0):
+        answer = serializers.workspace_json(selectors.workspace_loaded(workspace))
+
+    assert answer == serializers.workspace_json(selectors.workspace_queryset().get(id=pool.id))
+    assert answer["latest_build"]["is_claim"] and answer["latest_build"]["status"] == "pending"
+    # The agents are partial rows: what was not read loads on access, never from thin air.
+    agent = selectors.current_agents(workspace)[0]
+    assert agent.startup_script == type(agent).objects.get(id=agent.id).startup_script
