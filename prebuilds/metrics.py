@@ -11,6 +11,8 @@ passes run in Celery workers, scrapes hit web processes.
 - Gauges `desired`/`running`/`eligible` are the figures of the latest pass that held the lock
   (`ReconciliationPass.preset_counts`): the reconciler already computed them at one `now`,
   and re-deriving them per scrape would cost a full snapshot.
+- `prebuilds_reconciliation_last_pass_timestamp_seconds`: when the newest pass that held the
+  lock started (0 before the first), for the "passes stopped" alert.
 - `prebuilds_reconciliation_duration_seconds` is a *gauge histogram* of the passes of the last
   hour, built from `ReconciliationPass` rows. A process-local `Histogram` would only be seen by
   the worker process that ran the passes, never by the web process being scraped. Because the
