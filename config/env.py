@@ -72,10 +72,11 @@ def database(name: str, url_value: str, *, pool_size: int = 10) -> dict[str, Any
         raise ImproperlyConfigured(f"{name}: invalid value ({exc})") from None
     if config.get("ENGINE") != "django.db.backends.postgresql":
         raise ImproperlyConfigured(f"{name}: Warmstart needs PostgreSQL (postgres:// URL)")
-    # A connection pool per process (psycopg_pool), not persistent per-thread connections:
-    # under ASGI Django runs each request's sync code in a thread of its own, so per-thread
-    # connections would pile up (one per request, never reused); a pool hands a warm connection
-    # to whichever thread asks and takes it back when Django closes it at the end of a request.
+    # A connection pool per process (psycopg_pool), not persistent per-thread connections: a
+    # web process runs requests on a pool of threads (config.asgi) and the agents' reinit reads
+    # on another, a worker runs jobs on threads of its own; the pool hands a warm connection to
+    # whichever thread asks and takes it back when Django closes it at the end of a request, so
+    # a process never holds more than DATABASE_POOL_SIZE connections.
     config["CONN_MAX_AGE"] = 0
     # Check a pooled connection before handing it out, so a database restart costs a reconnect,
     # not a failed request or task (the pool only checks when Django asks it to).

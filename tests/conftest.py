@@ -19,6 +19,15 @@ def _database_fixture(request) -> str | None:
     return None
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _fast_password_hashing():
+    """Hash the tests' passwords with a thousand PBKDF2 rounds (see ``tests.hashers``)."""
+    from django.test import override_settings
+
+    with override_settings(PASSWORD_HASHERS=["tests.hashers.FastPBKDF2PasswordHasher"]):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _system_rows(request):
     """Make sure the default organization and system user exist for database tests.
