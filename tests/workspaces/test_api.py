@@ -285,6 +285,11 @@ def test_it_answers_404_for_another_organizations_template_or_preset(client, ali
     assert response.json()["error"] == "not_found"
     assert field in response.json()["detail"]
     assert rows() == (0, 0, 0)
+    # Word for word the answer to an id that does not exist: existence is not revealed.
+    unknown = post(
+        client, "/api/v2/workspaces", {"name": "dev", field: str(uuid.uuid4())}, **auth(alice)
+    )
+    assert (unknown.status_code, unknown.json()) == (404, response.json())
 
 
 @pytest.mark.parametrize("field", ["template_version_preset_id", "template_id"])
