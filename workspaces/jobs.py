@@ -23,7 +23,7 @@ from uuid import UUID
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import F, Value
+from django.db.models import F, QuerySet, Value
 from django.db.models.functions import Concat
 from django.utils import timezone
 
@@ -149,33 +149,39 @@ def job_cancel(job_id: UUID) -> str | None:
     return None
 
 
+def _fail_if_still(matching: QuerySet, job_id: UUID, *, error: str, log_line: str) -> bool:
+    """Fail job ``job_id`` if it is still in ``matching``, appending ``log_line`` to its log.
+
+    The condition is re-checked in the UPDATE itself, so a job that moved on meanwhile (picked
+    up, heartbeated, completed) is left alone, and several sweepers never fail one job twice.
+    """
+    return bool(
+        matching.filter(id=job_id).update(
+            status=JobStatus.FAILED,
+            completed_at=timezone.now(),
+            error=error,
+            logs=Concat(F("logs"), Value(log_line)),
+        )
+    )
+
+
 def jobs_fail_stale(*, timeout: timedelta) -> list[UUID]:
     """Fail running/canceling jobs whose heartbeat is older than ``timeout`` (worker died).
 
     Returns the ids failed. Each job gets a log line saying why.
     """
     cutoff = timezone.now() - timeout
-    stale = list(
-        ProvisionerJob.objects.filter(
-            status__in=(JobStatus.RUNNING, JobStatus.CANCELING), heartbeat_at__lt=cutoff
-        ).values_list("id", flat=True)
+    stale = ProvisionerJob.objects.filter(
+        status__in=(JobStatus.RUNNING, JobStatus.CANCELING), heartbeat_at__lt=cutoff
+    )
+    message = (
+        f"Worker stopped sending heartbeats for more than {int(timeout.total_seconds())} s; "
+        "the job is marked failed.\n"
     )
     failed = []
-    for job_id in stale:
-        message = (
-            f"Worker stopped sending heartbeats for more than {int(timeout.total_seconds())} s; "
-            "the job is marked failed.\n"
-        )
-        now = timezone.now()
-        if ProvisionerJob.objects.filter(
-            id=job_id,
-            status__in=(JobStatus.RUNNING, JobStatus.CANCELING),
-            heartbeat_at__lt=cutoff,
-        ).update(
-            status=JobStatus.FAILED,
-            completed_at=now,
-            error="Worker lost (heartbeat timeout).",
-            logs=Concat(F("logs"), Value(message)),
+    for job_id in list(stale.values_list("id", flat=True)):
+        if _fail_if_still(
+            stale, job_id, error="Worker lost (heartbeat timeout).", log_line=message
         ):
             logger.warning("job_failed_stale job=%s timeout=%s", job_id, timeout)
             failed.append(job_id)
@@ -197,20 +203,17 @@ def jobs_fail_unserved_host_jobs(*, timeout: timedelta) -> list[UUID]:
         queue__startswith=routing.HOST_QUEUE_PREFIX,
         created_at__lt=cutoff,
     )
+    minutes = timeout.total_seconds() / 60
     failed = []
-    for job_id, queue in unserved.values_list("id", "queue")[:REQUEUE_BATCH]:
+    for job_id, queue in list(unserved.values_list("id", "queue")[:REQUEUE_BATCH]):
         host = queue.removeprefix(routing.HOST_QUEUE_PREFIX)
-        minutes = timeout.total_seconds() / 60
         message = (
             f"No worker on host {host!r} took this job within {minutes:g} minutes. The "
             "workspace's processes live on that host; if it is gone for good, use the admin "
             'action "Forget worker host" on the workspace: its next builds run on any worker.\n'
         )
-        if unserved.filter(id=job_id).update(
-            status=JobStatus.FAILED,
-            completed_at=timezone.now(),
-            error=f"Worker host {host!r} unavailable.",
-            logs=Concat(F("logs"), Value(message)),
+        if _fail_if_still(
+            unserved, job_id, error=f"Worker host {host!r} unavailable.", log_line=message
         ):
             logger.warning("job_failed_host_unavailable job=%s queue=%s", job_id, queue)
             failed.append(job_id)
