@@ -8,6 +8,7 @@ context (cookies, storage) per test.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,7 +60,31 @@ def page(browser, live_server) -> Iterator:
     context.set_default_timeout(10_000)
     page = context.new_page()
     yield page
+    page.goto("about:blank")  # stops the page's HTMX polling
     context.close()
+    wait_for_live_server_requests_to_finish()
+
+
+def wait_for_live_server_requests_to_finish(timeout: float = 10.0) -> None:
+    """Wait until no other session works in the test database.
+
+    Closing the browser does not stop a request the live server is already answering. If one
+    is still reading (inside a transaction, such as the dashboard's snapshot) when the test's
+    teardown truncates every table, PostgreSQL sees a deadlock and fails the teardown.
+    """
+    from django.db import connection
+
+    deadline = time.monotonic() + timeout
+    with connection.cursor() as cursor:
+        while True:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND backend_type = 'client backend' "
+                "AND state <> 'idle'"
+            )
+            if cursor.fetchone()[0] == 0 or time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
 
 
 def sign_in(page, username: str, password: str = PASSWORD, *, next_path: str = "/") -> None:
