@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+
 from django.contrib.auth.hashers import make_password
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from accounts import tokens
@@ -17,6 +19,7 @@ from accounts.models import (
     Role,
     User,
 )
+from config.sql import columns, load_row
 
 API_TOKEN_PREFIX = "wst"
 
@@ -86,11 +89,7 @@ def api_token_authenticate(token: str) -> User | None:
     if parts is None:
         return None
     key_id, secret = parts
-    api_token = (
-        ApiToken.objects.select_related("user")
-        .filter(key_id=key_id, revoked_at__isnull=True)
-        .first()
-    )
+    api_token = _unrevoked_api_token(key_id)
     if api_token is None or not tokens.secret_matches(secret, api_token.secret_hash):
         return None
     user = api_token.user
@@ -100,6 +99,29 @@ def api_token_authenticate(token: str) -> User | None:
     if api_token.last_used_at is None or (now - api_token.last_used_at).total_seconds() > 60:
         ApiToken.objects.filter(id=api_token.id).update(last_used_at=now)
     return user
+
+
+@functools.cache
+def _api_token_sql() -> str:
+    token, user = columns(ApiToken), columns(User)
+    return f"""
+    SELECT {token.select("t")}, {user.select("u")}
+    FROM {ApiToken._meta.db_table} t JOIN {User._meta.db_table} u ON u.id = t.user_id
+    WHERE t.key_id = %s AND t.revoked_at IS NULL
+    """
+
+
+def _unrevoked_api_token(key_id: str) -> ApiToken | None:
+    """The unrevoked token with this key id, its user loaded (system users included: the
+    caller refuses them). Every API request runs this, so it is written out (``config.sql``)."""
+    with connection.cursor() as cursor:
+        cursor.execute(_api_token_sql(), [key_id])
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    api_token, user = load_row(row, columns(ApiToken), columns(User))
+    api_token.user = user
+    return api_token
 
 
 @transaction.atomic

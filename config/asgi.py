@@ -22,6 +22,7 @@ connection to the pool when the response is closed).
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -35,6 +36,10 @@ from django.core.wsgi import get_wsgi_application  # noqa: E402
 from django.urls import Resolver404, resolve  # noqa: E402
 
 
+# Resolving costs about as much as a small view's own work and most requests repeat a few
+# paths (the claim is always ``POST /api/v2/workspaces``); the URLconf does not change while a
+# process runs. Bounded, because paths carry ids.
+@functools.lru_cache(maxsize=4096)
 def is_async_view(path: str) -> bool:
     """Whether ``path`` resolves to an async view (unknown paths are not: their 404 is sync)."""
     try:

@@ -119,7 +119,7 @@ def _caches(broker_url: str) -> dict[str, dict]:
         return {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
     return {
         "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "BACKEND": "config.cache.RedisCache",
             "LOCATION": location,
             "KEY_PREFIX": "warmstart",
         }

@@ -20,7 +20,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
-from accounts.models import Organization
+from accounts.models import SYSTEM_USER_ID, Organization
 
 
 def _choices_check(field: str, choices: type[models.TextChoices], name: str):
@@ -187,7 +187,16 @@ class Workspace(models.Model):
                 name="workspace_name_unique_live",
             )
         ]
-        indexes = [models.Index(fields=["owner", "deleted"], name="workspace_owner_live")]
+        indexes = [
+            models.Index(fields=["owner", "deleted"], name="workspace_owner_live"),
+            # The live prebuilds of each template, oldest first: where a claim looks for one
+            # to take (``prebuilds.claims``). A claimed or deleted workspace leaves it.
+            models.Index(
+                fields=["template", "created_at"],
+                condition=Q(owner_id=SYSTEM_USER_ID, deleted=False),
+                name="workspace_prebuild",
+            ),
+        ]
 
     def __str__(self) -> str:
         return self.name
@@ -376,7 +385,14 @@ class WorkspaceAgent(models.Model):
         indexes = [
             models.Index(
                 fields=["workspace"], condition=Q(retired_at__isnull=True), name="agent_current"
-            )
+            ),
+            # "Is any current agent not ready?" for the claim's eligibility test, answered
+            # without reading the (mostly ready) agents of a pool.
+            models.Index(
+                fields=["workspace"],
+                condition=Q(retired_at__isnull=True) & ~Q(lifecycle_state=AgentLifecycle.READY),
+                name="agent_current_not_ready",
+            ),
         ]
 
     def __str__(self) -> str:

@@ -11,7 +11,7 @@ from accounts.models import SYSTEM_USER_ID
 from prebuilds.claims import claim_prebuild
 from tests.accounts.factories import UserFactory
 from tests.workspaces.factories import PresetFactory, TemplateVersionFactory, prebuild
-from workspaces.models import Workspace, WorkspaceBuild
+from workspaces.models import Workspace, WorkspaceAgent, WorkspaceBuild
 from workspaces.services import WorkspaceConflict, WorkspaceError
 
 pytestmark = pytest.mark.django_db
@@ -59,6 +59,42 @@ def test_it_never_claims_an_ineligible_prebuild(make):
 
     assert claim_prebuild(UserFactory(), preset, "dev") is None
     assert Workspace.objects.filter(owner_id=SYSTEM_USER_ID).count() == 1
+
+
+def test_it_hands_out_the_oldest_eligible_prebuild_first():
+    preset = PresetFactory()
+    now = timezone.now()
+    newest = prebuild(preset, created_at=now - timedelta(minutes=1))
+    oldest = prebuild(preset, created_at=now - timedelta(minutes=30))
+    middle = prebuild(preset, created_at=now - timedelta(minutes=10))
+    alice = UserFactory()
+
+    claimed = [claim_prebuild(alice, preset, f"dev-{n}").id for n in range(3)]
+
+    assert claimed == [oldest.id, middle.id, newest.id]
+
+
+def test_it_takes_only_this_presets_prebuilds_among_its_templates_pools():
+    preset = PresetFactory()
+    sibling = PresetFactory(template_version=preset.template_version)
+    # Older prebuilds of another preset of the same template come first in the scan.
+    for minutes in (50, 40, 30):
+        prebuild(sibling, created_at=timezone.now() - timedelta(minutes=minutes))
+    mine = prebuild(preset, created_at=timezone.now() - timedelta(minutes=5))
+
+    assert claim_prebuild(UserFactory(), preset, "dev").id == mine.id
+    assert claim_prebuild(UserFactory(), preset, "dev") is None
+
+
+def test_one_agent_not_ready_makes_the_whole_prebuild_ineligible():
+    preset = PresetFactory()
+    pool = prebuild(preset, agents=2)
+    WorkspaceAgent.objects.filter(id=pool.created_agents[1].id).update(lifecycle_state="starting")
+
+    assert claim_prebuild(UserFactory(), preset, "dev") is None
+
+    WorkspaceAgent.objects.filter(workspace=pool).update(lifecycle_state="ready")
+    assert claim_prebuild(UserFactory(), preset, "dev").id == pool.id
 
 
 def test_it_skips_expired_and_invalidated_prebuilds():

@@ -110,7 +110,7 @@ def test_it_warns_about_a_weak_secret_key(tmp_path):
         (
             "CACHES['default']['BACKEND']",
             {},
-            "'django.core.cache.backends.redis.RedisCache'",
+            "'config.cache.RedisCache'",
         ),
     ],
 )
