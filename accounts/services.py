@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 
 from django.contrib.auth.hashers import make_password
-from django.db import connection, transaction
+from django.db import transaction
 from django.utils import timezone
 
 from accounts import tokens
@@ -19,7 +19,7 @@ from accounts.models import (
     Role,
     User,
 )
-from config.sql import columns, load_row
+from config.sql import Columns, columns, fetch_one
 
 API_TOKEN_PREFIX = "wst"
 
@@ -102,24 +102,25 @@ def api_token_authenticate(token: str) -> User | None:
 
 
 @functools.cache
-def _api_token_sql() -> str:
-    token, user = columns(ApiToken), columns(User)
-    return f"""
+def _api_token_sql() -> tuple[str, tuple[Columns, Columns]]:
+    groups = columns(ApiToken), columns(User)
+    token, user = groups
+    sql = f"""
     SELECT {token.select("t")}, {user.select("u")}
     FROM {ApiToken._meta.db_table} t JOIN {User._meta.db_table} u ON u.id = t.user_id
     WHERE t.key_id = %s AND t.revoked_at IS NULL
     """
+    return sql, groups
 
 
 def _unrevoked_api_token(key_id: str) -> ApiToken | None:
     """The unrevoked token with this key id, its user loaded (system users included: the
     caller refuses them). Every API request runs this, so it is written out (``config.sql``)."""
-    with connection.cursor() as cursor:
-        cursor.execute(_api_token_sql(), [key_id])
-        row = cursor.fetchone()
-    if row is None:
+    sql, groups = _api_token_sql()
+    loaded = fetch_one(sql, [key_id], *groups)
+    if loaded is None:
         return None
-    api_token, user = load_row(row, columns(ApiToken), columns(User))
+    api_token, user = loaded
     api_token.user = user
     return api_token
 

@@ -73,6 +73,14 @@ def load_row(row: Sequence[Any], *groups: Columns) -> list[models.Model]:
     return instances
 
 
+def fetch_one(sql: str, params: Sequence[Any], *groups: Columns) -> list[models.Model] | None:
+    """Run ``sql`` (which selects ``groups``' columns in order) and load its one row, or None."""
+    with connections[DEFAULT_DB_ALIAS].cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    return None if row is None else load_row(row, *groups)
+
+
 def insert(instance: models.Model) -> tuple[str, list[Any]]:
     """The ``INSERT`` Django's ``save()`` would run for a new ``instance``, and its parameters.
 

@@ -18,6 +18,7 @@ from django.db import connection, models, transaction
 from django.utils import timezone
 
 from accounts.models import SYSTEM_USER_ID, User
+from config.sql import columns
 from config.sql import insert as sql_insert
 from prebuilds.models import PrebuildClaim
 from workspaces import jobs, selectors
@@ -109,10 +110,16 @@ UPDATE workspaces_workspace w
          WHERE b.workspace_id = w.id) = %(latest)s
 """
 
-# The claimed workspace's current agents, with what the answer shows of them.
-AGENT_COLUMNS = ("id", "workspace_id", "name", "lifecycle_state", "initialized_owner_id")
+# The claimed workspace's current agents, with what the answer shows of them. The other fields
+# are deferred on the loaded agents (read on access, as with ``.only()``), so a later ``save()``
+# writes back only what was read.
+AGENT_FIELDS = ("id", "workspace", "name", "lifecycle_state", "initialized_owner")
+AGENTS = columns(
+    WorkspaceAgent,
+    tuple(f.name for f in WorkspaceAgent._meta.concrete_fields if f.name not in AGENT_FIELDS),
+)
 CURRENT_AGENTS_SQL = f"""
-SELECT {", ".join(f"a.{column}" for column in AGENT_COLUMNS)}
+SELECT {AGENTS.select("a")}
 FROM workspaces_workspaceagent a
 WHERE a.workspace_id = %s AND a.retired_at IS NULL
 ORDER BY a.name, a.id
@@ -179,16 +186,7 @@ def _insert_all_and_read_agents(
     )
     for row in rows:
         _saved(row)
-    # Partial rows, loaded the way ``.only()`` loads them: the other fields are deferred (read
-    # on access), so a later ``save()`` writes back only what was read.
-    loaded = [f.attname for f in WorkspaceAgent._meta.concrete_fields if f.attname in AGENT_COLUMNS]
-    agents = []
-    for values in cursor.fetchall():
-        by_name = dict(zip(AGENT_COLUMNS, values, strict=True))
-        agents.append(
-            WorkspaceAgent.from_db(connection.alias, loaded, [by_name[n] for n in loaded])
-        )
-    return agents
+    return [AGENTS.load(values) for values in cursor.fetchall()]
 
 
 def _saved(instance: M) -> M:

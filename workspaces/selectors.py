@@ -25,7 +25,7 @@ from django.db.models import F, Prefetch, QuerySet
 from django.db.models.functions import Length, Right
 
 from accounts.models import Membership, Organization, User
-from config.sql import Columns, columns, load_row
+from config.sql import Columns, columns, fetch_one
 from workspaces.models import (
     ACTIVE_JOB_STATUSES,
     AgentLifecycle,
@@ -151,12 +151,10 @@ def preset_get(*, preset_id: object) -> TemplateVersionPreset | None:
     if parsed is None:
         return None
     sql, groups = _preset_sql()
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [parsed])
-        row = cursor.fetchone()
-    if row is None:
+    loaded = fetch_one(sql, [parsed], *groups)
+    if loaded is None:
         return None
-    preset, version, template, organization = load_row(row, *groups)
+    preset, version, template, organization = loaded
     template.organization = organization
     version.template = template
     preset.template_version = version
