@@ -29,9 +29,10 @@ product's own claim-to-ready figure (``PrebuildClaim.ready_at - requested_at``).
 one uvicorn web process and *no* worker (claim builds stay pending; we measure the API, not
 provisioning). A preset with a pool of ready prebuilds (bulk-inserted: system-owned workspaces
 whose latest build is a succeeded start with one ready agent), larger than the number of
-requests. 20 client threads, each with its own user, API token and keep-alive ``httpx.Client``,
-start together and each send ``POST /api/v2/workspaces {"name", "template_version_preset_id"}``
-one after another; every request's wall time is a sample. ``claim_api_errors`` counts 5xx
+requests. 20 client threads, each with its own user, API token and keep-alive
+``http.client.HTTPConnection`` (``claim_api_client_cpu_ms``: their CPU per request), start
+together and each send ``POST /api/v2/workspaces {"name", "template_version_preset_id"}`` one
+after another; every request's wall time is a sample. ``claim_api_errors`` counts 5xx
 answers and transport errors; ``double_claims`` counts workspaces handed to more than one request
 plus workspaces with more than one claim build (must be 0); every answer must be a 201 with
 ``claimed_prebuild: true`` (``claim_api_not_claimed`` counts the others).
@@ -212,7 +213,7 @@ def measure_api(*, per_client: int, clients: int = API_CLIENTS) -> dict[str, Any
         def client(index: int, token: str) -> None:
             # The standard library's keep-alive HTTP client, not httpx: on a 2-core machine the
             # load generator shares the CPU with the server, and httpx spent ~1.9 ms of CPU per
-            # request (a third of the claim's whole budget) against ~0.2 ms for http.client.
+            # request (a third of the claim's whole budget) against ~0.4 ms for http.client.
             headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
             mine: list[float] = []
             got: list[tuple[int, dict | None]] = []
