@@ -85,9 +85,13 @@ def _limit(kind: str) -> int:
 
 def client_address(request: HttpRequest) -> str:
     """The client ``REMOTE_ADDR`` names; IPv6 addresses by their /64 network."""
-    raw = (request.META.get("REMOTE_ADDR") or "").strip()
+    return address_of(request.META.get("REMOTE_ADDR") or "")
+
+
+def address_of(remote_addr: str) -> str:
+    """The counted client of a ``REMOTE_ADDR`` value (``client_address`` without a request)."""
     try:
-        address = ipaddress.ip_address(raw)
+        address = ipaddress.ip_address(remote_addr.strip())
     except ValueError:
         # No usable address (e.g. served on a unix socket without proxy headers): every such
         # client shares one counter, which is the safe direction for a limiter.
@@ -109,12 +113,30 @@ def retry_after(request: HttpRequest, kind: str) -> int | None:
     limit = _limit(kind)
     if limit <= 0:
         return None
-    count_key, since_key = _keys(kind, client_address(request))
+    keys = _keys(kind, client_address(request))
     try:
-        found = cache.get_many([count_key, since_key])
+        found = cache.get_many(keys)
     except Exception:
         logger.warning("rate limiter: cache unavailable, not limiting", exc_info=True)
         return None
+    return _wait(found, keys, limit)
+
+
+async def retry_after_async(address: str, kind: str) -> int | None:
+    """``retry_after`` for the client ``address`` (as ``address_of`` gives), on the event loop.
+
+    Unlike ``retry_after`` it does not fail open: an unreachable cache raises, and the caller
+    (the claim's fast path) hands the request to the normal path, which decides.
+    """
+    limit = _limit(kind)
+    if limit <= 0:
+        return None
+    keys = _keys(kind, address)
+    return _wait(await cache.aget_many(keys), keys, limit)
+
+
+def _wait(found: dict[str, Any], keys: tuple[str, str], limit: int) -> int | None:
+    count_key, since_key = keys
     if found.get(count_key, 0) < limit:
         return None
     window = settings.RATELIMIT_WINDOW

@@ -30,7 +30,9 @@ one uvicorn web process and *no* worker (claim builds stay pending; we measure t
 provisioning). A preset with a pool of ready prebuilds (bulk-inserted: system-owned workspaces
 whose latest build is a succeeded start with one ready agent), larger than the number of
 requests. 20 client threads, each with its own user, API token and keep-alive
-``http.client.HTTPConnection`` (``claim_api_client_cpu_ms``: their CPU per request), start
+``http.client.HTTPConnection`` (``claim_api_client_cpu_ms``: their CPU per request), send two
+warm-up claims each (a token's first use goes through the Django view, which writes its
+``last_used_at``; the second warms the fast path, ``workspaces.fast_claim``), then start
 together and each send ``POST /api/v2/workspaces {"name", "template_version_preset_id"}`` one
 after another; every request's wall time is a sample. ``claim_api_errors`` counts 5xx
 answers and transport errors; ``double_claims`` counts workspaces handed to more than one request
@@ -194,7 +196,9 @@ def measure_api(*, per_client: int, clients: int = API_CLIENTS) -> dict[str, Any
     """``clients`` concurrent clients claiming through ``POST /api/v2/workspaces`` (no worker)."""
     from django.db import connection
 
-    warmup = 1
+    # Two warm-up requests per client: a token's first use goes through the Django view (it
+    # writes the token's ``last_used_at``), the second warms the fast path (workspaces.fast_claim).
+    warmup = 2
     pool = clients * (per_client + warmup) + 20  # never runs dry
     preset = command_preset("bench-claim-api", pool)
     insert_ready_prebuilds(preset, pool)

@@ -122,3 +122,14 @@ def psycopg_params_of(settings_dict: dict[str, Any]) -> dict[str, Any]:
         if key not in _DJANGO_ONLY_OPTIONS:
             params[key] = value
     return {key: value for key, value in params.items() if value is not None}
+
+
+def redis_url_of_broker(broker_url: str) -> str | None:
+    """A redis-py URL for a Celery broker URL (``redis+socket://`` → ``unix://``); None when the
+    broker is not Redis (AMQP)."""
+    scheme, _, rest = broker_url.partition("://")
+    if scheme in ("redis", "rediss"):
+        return broker_url
+    if scheme == "redis+socket":
+        return f"unix://{rest}"
+    return None

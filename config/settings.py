@@ -61,6 +61,9 @@ SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool_("SECURE_HSTS_INCLUDE_SUBDOMAINS", Tru
 SECURE_HSTS_PRELOAD = env.bool_("SECURE_HSTS_PRELOAD", False)
 # Seconds between `event: ping` heartbeats on the agents' reinit SSE stream (DESIGN.md §7: 15).
 REINIT_PING_INTERVAL = env.float_("REINIT_PING_INTERVAL", 15, minimum=0.1)
+# The claim request's fast path on the event loop (workspaces.fast_claim); false sends every
+# claim through the Django view.
+CLAIM_FAST_PATH = env.bool_("CLAIM_FAST_PATH", True)
 # Database connections each process may hold (its connection pool's maximum).
 DATABASE_POOL_SIZE = env.int_("DATABASE_POOL_SIZE", 10, minimum=1, maximum=1000)
 _database_url = env.str_("DATABASE_URL", "")
@@ -110,12 +113,8 @@ def _caches(broker_url: str) -> dict[str, dict]:
     AMQP broker there is no Redis to share and each process counts on its own (documented).
     Keys are prefixed so they never collide with Celery's in the same Redis database.
     """
-    scheme, _, rest = broker_url.partition("://")
-    if scheme in ("redis", "rediss"):
-        location = broker_url
-    elif scheme == "redis+socket":
-        location = f"unix://{rest}"
-    else:
+    location = env.redis_url_of_broker(broker_url)
+    if location is None:
         return {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
     return {
         "default": {

@@ -7,6 +7,8 @@ queues a delete build, so a prebuild is either claimed or deleted, never both.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -171,24 +173,6 @@ def _lock_and_transfer(
     return None
 
 
-def _insert_all_and_read_agents(
-    cursor: psycopg.Cursor, rows: list[models.Model], workspace_id: UUID
-) -> list[WorkspaceAgent]:
-    """Insert ``rows`` (in order) and read the workspace's current agents: one round trip."""
-    parts, params = [], []
-    for index, row in enumerate(rows):
-        sql, values = sql_insert(row)
-        parts.append(f"insert_{index} AS ({sql})")
-        params.extend(values)
-    # Data-modifying WITH clauses always run, whether or not the final SELECT reads them.
-    cursor.execute(
-        f"WITH {', '.join(parts)} {CURRENT_AGENTS_SQL}", [*params, workspace_id], prepare=True
-    )
-    for row in rows:
-        _saved(row)
-    return [AGENTS.load(values) for values in cursor.fetchall()]
-
-
 def _saved(instance: M) -> M:
     """Mark ``instance`` as a row of the database (a later ``save()`` updates, not inserts)."""
     instance._state.adding, instance._state.db = False, connection.alias
@@ -213,63 +197,159 @@ def claim_prebuild(user: User, preset: TemplateVersionPreset, name: str) -> Work
     Cost: the claim is the hot path of the product (users waiting, bursts at the start of a
     working day), so it is three statements and a commit — lock, guarded transfer, one
     statement inserting job, build and claim record and reading the agents — with server-side
-    prepared plans, instead of the ORM's two dozen round trips.
+    prepared plans, instead of the ORM's two dozen round trips. ``claim_prebuild_async`` is the
+    same claim on an async connection (the API's fast path, ``workspaces.fast_claim``).
     """
     workspace_name_validate(name)
-    version = preset.template_version
     now = timezone.now()
-    transfer = {"system": SYSTEM_USER_ID, "owner": user.id, "name": name, "now": now}
     with transaction.atomic():
         connection.ensure_connection()
         # Server-side prepared statements on Django's connection (same transaction): planning
         # these costs more than running them, and pooled connections keep plans across requests.
-        with psycopg.Cursor(connection.connection) as cursor:
-            try:
-                locked = _lock_and_transfer(cursor, preset, transfer)
-            except psycopg.errors.UniqueViolation as exc:
-                if exc.diag.constraint_name != NAME_CONSTRAINT:
-                    raise
-                raise WorkspaceConflict(
-                    "name_taken", f"name: you already have a workspace named {name!r}."
-                ) from None
+        with psycopg.Cursor(connection.connection) as cursor, _name_conflict(name):
+            locked = _lock_and_transfer(cursor, preset, _transfer(user, name, now))
             if locked is None:
                 return None
-            queue = job_queue(version=version, host_queue=locked.host_queue)
-            job = ProvisionerJob(organization_id=locked.organization_id, queue=queue)
-            build = WorkspaceBuild(
-                workspace_id=locked.id,
-                build_number=locked.latest_build_number + 1,
-                transition=Transition.START,
-                template_version=version,
-                preset=preset,
-                parameters=build_parameters(version, preset),
-                initiator=user,
-                reason=BuildReason.CLAIM,
-                is_claim=True,
-                job=job,
-            )
-            record = PrebuildClaim(
-                preset=preset, user=user, workspace_id=locked.id, claimed=True, requested_at=now
-            )
-            agents = _insert_all_and_read_agents(cursor, [job, build, record], locked.id)
-        transaction.on_commit(partial(jobs.job_enqueue, job.id, queue))
-    template = version.template  # loaded with the preset by the callers: no query
-    workspace = _saved(
-        Workspace(
-            id=locked.id,
-            organization=template.organization,
-            template=template,
-            owner=user,
-            name=name,
-            claimed_at=now,
-            host_queue=locked.host_queue,
-            created_at=locked.created_at,
-            updated_at=now,
+            claim = _Claim.of(user, preset, locked, now)
+            sql, params = claim.insert_statement()
+            cursor.execute(sql, params, prepare=True)
+            agents = claim.agents(cursor.fetchall())
+        transaction.on_commit(partial(jobs.job_enqueue, claim.job.id, claim.queue))
+    return claim.workspace(name, agents)
+
+
+async def claim_prebuild_async(
+    conn: psycopg.AsyncConnection, user: User, preset: TemplateVersionPreset, name: str
+) -> tuple[Workspace, ProvisionerJob] | None:
+    """``claim_prebuild`` on ``conn``, an autocommit async connection outside Django.
+
+    Same statements, guarantees, errors, rows and answer, committed on return; the claim
+    build's job is returned too, for the caller to enqueue (there is no ``on_commit`` here).
+    The statements go one after another: psycopg's pipeline mode saves round trips but, measured
+    here, costs more CPU than it saves (0.86 against 0.50 ms for a transaction of 3 statements).
+    """
+    workspace_name_validate(name)
+    now = timezone.now()
+    params = {"template": preset.template_version.template_id, "preset": preset.id}
+    transfer = _transfer(user, name, now)
+    with _name_conflict(name):
+        for _ in range(LOCK_ATTEMPTS):
+            async with conn.transaction():
+                cursor = await conn.execute(ELIGIBLE_PREBUILD_SQL, params, prepare=True)
+                row = await cursor.fetchone()
+                if row is None:
+                    return None
+                locked = _Locked(*row)
+                cursor = await conn.execute(
+                    TRANSFER_SQL,
+                    {**transfer, "workspace": locked.id, "latest": locked.latest_build_number},
+                    prepare=True,
+                )
+                if cursor.rowcount == 1:
+                    claim = _Claim.of(user, preset, locked, now)
+                    sql, insert_params = claim.insert_statement()
+                    cursor = await conn.execute(sql, insert_params, prepare=True)
+                    agents = claim.agents(await cursor.fetchall())
+                    claimed = claim.workspace(name, agents), claim.job
+                else:
+                    # Its latest build changed before we locked it (``_lock_and_transfer``): the
+                    # transaction ends with nothing written, and the next statement looks again.
+                    claimed = None
+            if claimed is not None:
+                return claimed
+    return None
+
+
+def _transfer(user: User, name: str, now: datetime) -> dict[str, Any]:
+    return {"system": SYSTEM_USER_ID, "owner": user.id, "name": name, "now": now}
+
+
+@contextmanager
+def _name_conflict(name: str) -> Iterator[None]:
+    """The unique-name violation of the transfer, as the ``WorkspaceConflict`` callers answer."""
+    try:
+        yield
+    except psycopg.errors.UniqueViolation as exc:
+        if exc.diag.constraint_name != NAME_CONSTRAINT:
+            raise
+        raise WorkspaceConflict(
+            "name_taken", f"name: you already have a workspace named {name!r}."
+        ) from None
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """The rows a claim of ``locked`` writes, and the workspace it answers with."""
+
+    user: User
+    preset: TemplateVersionPreset
+    locked: _Locked
+    now: datetime
+    queue: str
+    job: ProvisionerJob
+    build: WorkspaceBuild
+    record: PrebuildClaim
+
+    @classmethod
+    def of(
+        cls, user: User, preset: TemplateVersionPreset, locked: _Locked, now: datetime
+    ) -> _Claim:
+        version = preset.template_version
+        queue = job_queue(version=version, host_queue=locked.host_queue)
+        job = ProvisionerJob(organization_id=locked.organization_id, queue=queue)
+        build = WorkspaceBuild(
+            workspace_id=locked.id,
+            build_number=locked.latest_build_number + 1,
+            transition=Transition.START,
+            template_version=version,
+            preset=preset,
+            parameters=build_parameters(version, preset),
+            initiator=user,
+            reason=BuildReason.CLAIM,
+            is_claim=True,
+            job=job,
         )
-    )
-    setattr(workspace, selectors.LATEST_BUILDS, [build])
-    setattr(workspace, selectors.CURRENT_AGENTS, agents)
-    return workspace
+        record = PrebuildClaim(
+            preset=preset, user=user, workspace_id=locked.id, claimed=True, requested_at=now
+        )
+        return cls(user, preset, locked, now, queue, job, build, record)
+
+    def insert_statement(self) -> tuple[str, list[Any]]:
+        """One statement inserting job, build and claim record and reading the current agents.
+
+        Data-modifying WITH clauses always run, whether or not the final SELECT reads them.
+        """
+        parts, params = [], []
+        for index, row in enumerate((self.job, self.build, self.record)):
+            sql, values = sql_insert(row)
+            parts.append(f"insert_{index} AS ({sql})")
+            params.extend(values)
+        return f"WITH {', '.join(parts)} {CURRENT_AGENTS_SQL}", [*params, self.locked.id]
+
+    def agents(self, rows: list[tuple]) -> list[WorkspaceAgent]:
+        """The inserted rows are saved now; ``rows`` (the statement's answer) become agents."""
+        for row in (self.job, self.build, self.record):
+            _saved(row)
+        return [AGENTS.load(values) for values in rows]
+
+    def workspace(self, name: str, agents: list[WorkspaceAgent]) -> Workspace:
+        template = self.preset.template_version.template  # loaded with the preset: no query
+        workspace = _saved(
+            Workspace(
+                id=self.locked.id,
+                organization=template.organization,
+                template=template,
+                owner=self.user,
+                name=name,
+                claimed_at=self.now,
+                host_queue=self.locked.host_queue,
+                created_at=self.locked.created_at,
+                updated_at=self.now,
+            )
+        )
+        setattr(workspace, selectors.LATEST_BUILDS, [self.build])
+        setattr(workspace, selectors.CURRENT_AGENTS, agents)
+        return workspace
 
 
 def claim_record(

@@ -1,0 +1,339 @@
+"""The claim's fast path (``workspaces.fast_claim``) through the real ASGI application.
+
+Each test drives ``config.asgi.application`` in an event loop of its own (httpx's ASGI
+transport), on the test database (transactional: the fast path has connections of its own) and
+the test broker. A spy on the fast path's fallback tells which path answered: the fast path
+must serve the common claim itself and hand every other request to the Django view unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+from django.conf import settings
+from django.test import override_settings
+from django.utils import timezone
+
+from accounts import ratelimit
+from accounts.models import ApiToken
+from accounts.services import api_token_create
+from config import env
+from prebuilds.models import PrebuildClaim
+from tests.accounts.factories import OrganizationFactory, UserFactory
+from tests.workspaces.factories import PresetFactory, TemplateFactory, prebuild
+from workspaces.jobs import RUN_JOB_TASK
+from workspaces.models import Workspace, WorkspaceBuild
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CLIENT = ("127.0.0.1", 40000)
+
+
+def fresh_token(user) -> str:
+    """A token that was used a moment ago (a first use goes to the view: it writes last_used)."""
+    token = api_token_create(user=user)
+    ApiToken.objects.filter(user=user).update(last_used_at=timezone.now())
+    return token
+
+
+class Served:
+    """Which requests the fast path handed to the Django view."""
+
+    def __init__(self) -> None:
+        self.handed_over: list[str] = []
+
+
+async def _post_all(bodies: list[tuple[str, Any]], served: Served, headers=None) -> list:
+    """POST each (token, body) concurrently through the ASGI app; the answers, in order."""
+    from config.asgi import application
+
+    claim = application.claim
+    fallback = claim.fallback
+
+    async def spy(scope, receive, send):
+        served.handed_over.append(scope["path"])
+        await fallback(scope, receive, send)
+
+    claim.fallback = spy
+    transport = httpx.ASGITransport(app=application, client=CLIENT)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
+
+            async def one(token: str, body: Any) -> httpx.Response:
+                content = body if isinstance(body, bytes) else json.dumps(body).encode()
+                return await http.post(
+                    "/api/v2/workspaces",
+                    content=content,
+                    headers={
+                        "Authorization": f"Bearer {token}",
+                        "Content-Type": "application/json",
+                        **(headers or {}),
+                    },
+                )
+
+            return await asyncio.gather(*(one(token, body) for token, body in bodies))
+    finally:
+        claim.fallback = fallback
+        await claim.aclose()
+
+
+def post(token: str, body: Any, **headers: str) -> tuple[httpx.Response, Served]:
+    served = Served()
+    [response] = asyncio.run(_post_all([(token, body)], served, headers))
+    return response, served
+
+
+def claim_body(preset, name: str = "dev") -> dict[str, str]:
+    return {"name": name, "template_version_preset_id": str(preset.id)}
+
+
+def broker_messages(queue: str) -> list[dict]:
+    """The messages waiting in ``queue`` on the test broker, decoded."""
+    import redis
+
+    client = redis.Redis.from_url(env.redis_url_of_broker(settings.CELERY_BROKER_URL))
+    try:
+        return [json.loads(raw) for raw in client.lrange(queue, 0, -1)]
+    finally:
+        client.close()
+
+
+def task_args(message: dict) -> list:
+    return json.loads(base64.b64decode(message["body"]))[0]
+
+
+def test_it_serves_a_claim_on_the_event_loop():
+    preset = PresetFactory()
+    pool = prebuild(preset)
+    alice = UserFactory()
+
+    response, served = post(fresh_token(alice), claim_body(preset))
+
+    assert served.handed_over == []
+    assert response.status_code == 201
+    document = response.json()
+    assert (document["id"], document["name"], document["claimed_prebuild"]) == (
+        str(pool.id),
+        "dev",
+        True,
+    )
+    assert document["owner"] == {"id": str(alice.id), "username": alice.username}
+    assert document["latest_build"]["is_claim"] is True
+    workspace = Workspace.objects.get(id=pool.id)
+    assert (workspace.owner_id, workspace.name) == (alice.id, "dev")
+    build = workspace.builds.order_by("-build_number").first()
+    assert (build.transition, build.is_claim, build.initiator_id, build.reason) == (
+        "start",
+        True,
+        alice.id,
+        "claim",
+    )
+    assert build.job.status == "pending"
+    assert PrebuildClaim.objects.get(workspace=workspace).claimed is True
+    # The claim build's job is on the broker, as Celery itself would have put it there.
+    mine = [m for m in broker_messages(build.job.queue) if task_args(m) == [str(build.job_id)]]
+    assert [m["headers"]["task"] for m in mine] == [RUN_JOB_TASK]
+
+
+def _without_ids(document: dict) -> dict:
+    document = json.loads(json.dumps(document))
+    for key in ("id", "name", "created_at"):
+        document.pop(key)
+    document["owner"].pop("id")
+    document["owner"].pop("username")
+    document["latest_build"].pop("id")
+    document["latest_build"].pop("initiator")
+    for agent in document["agents"]:
+        agent.pop("id")
+        agent.pop("initialized_owner_id")
+    return document
+
+
+def test_its_answer_is_the_django_views_answer():
+    preset = PresetFactory()
+    prebuild(preset)
+    prebuild(preset)
+    token = fresh_token(UserFactory())
+
+    fast, fast_served = post(token, claim_body(preset, "fast"))
+    with override_settings(CLAIM_FAST_PATH=False):
+        view, view_served = post(token, claim_body(preset, "view"))
+
+    assert (fast_served.handed_over, view_served.handed_over) == ([], [])  # off: never called
+    assert (fast.status_code, view.status_code) == (201, 201)
+    assert _without_ids(fast.json()) == _without_ids(view.json())
+    assert fast.json()["owner"] == view.json()["owner"]
+    skip = {"content-length"}
+    assert [(k, v) for k, v in fast.headers.items() if k not in skip] == [
+        (k, v) for k, v in view.headers.items() if k not in skip
+    ]
+
+
+def test_over_https_it_adds_the_hsts_header_the_security_middleware_would():
+    preset = PresetFactory()
+    prebuild(preset)
+    token = fresh_token(UserFactory())
+
+    # (The view's middleware chain was built with the settings of its first request, so it is
+    # not the reference here: the setting is.)
+    with override_settings(
+        SECURE_PROXY_SSL_HEADER=("HTTP_X_FORWARDED_PROTO", "https"), SECURE_HSTS_SECONDS=600
+    ):
+        fast, served = post(token, claim_body(preset), **{"X-Forwarded-Proto": "https"})
+
+    assert served.handed_over == []
+    assert fast.status_code == 201
+    assert fast.headers["strict-transport-security"] == "max-age=600; includeSubDomains"
+
+
+def test_a_token_due_for_its_last_used_refresh_goes_to_the_view():
+    preset = PresetFactory()
+    prebuild(preset)
+    user = UserFactory()
+    token = api_token_create(user=user)  # never used: last_used_at is None
+
+    response, served = post(token, claim_body(preset))
+
+    assert served.handed_over == ["/api/v2/workspaces"]
+    assert response.status_code == 201
+    assert response.json()["claimed_prebuild"] is True
+    assert ApiToken.objects.get(user=user).last_used_at is not None
+
+
+def _state() -> tuple[int, int, int, list]:
+    return (
+        Workspace.objects.count(),
+        WorkspaceBuild.objects.count(),
+        PrebuildClaim.objects.count(),
+        sorted(Workspace.objects.values_list("owner_id", "name")),
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "error"),
+    [
+        ("bad-token", 401, "unauthorized"),
+        ("unknown-preset", 404, "not_found"),
+        ("foreign-organization", 404, "not_found"),
+        ("bad-name", 400, "invalid_name"),
+        ("unknown-field", 400, "unknown_fields"),
+        ("not-json", 400, "invalid_json"),
+        ("name-taken", 409, "name_taken"),
+    ],
+)
+def test_errors_are_the_views_answers_and_change_nothing(case, status, error):
+    preset = PresetFactory()
+    prebuild(preset)
+    alice = UserFactory()
+    token = fresh_token(alice)
+    body: Any = claim_body(preset)
+    if case == "bad-token":
+        token = "wst_0000000000000000_nope"
+    elif case == "unknown-preset":
+        body = claim_body(PresetFactory.build(id=uuid.uuid4()))
+    elif case == "foreign-organization":
+        foreign = PresetFactory(
+            template_version=TemplateFactory(organization=OrganizationFactory()).active_version
+        )
+        prebuild(foreign)
+        body = claim_body(foreign)
+    elif case == "bad-name":
+        body = claim_body(preset, "Not A Name")
+    elif case == "unknown-field":
+        body = {**claim_body(preset), "owner": "bob"}
+    elif case == "not-json":
+        body = b"{not json"
+    elif case == "name-taken":
+        prebuild(preset)
+        post(token, claim_body(preset, "dev"))  # alice now has "dev"
+    before = _state()
+
+    response, served = post(token, body)
+
+    assert served.handed_over == ["/api/v2/workspaces"]
+    assert response.status_code == status
+    assert response.json()["error"] == error
+    assert _state() == before
+
+
+def test_a_bad_token_is_counted_by_the_rate_limiter_and_a_blocked_client_gets_429():
+    preset = PresetFactory()
+    prebuild(preset)
+    good = fresh_token(UserFactory())
+    address = ratelimit.address_of(CLIENT[0])
+    ratelimit.reset(address=address, kind=ratelimit.API_TOKEN)
+    try:
+        with override_settings(RATELIMIT_TOKEN_FAILURES=2):
+            for _ in range(2):
+                assert post("wst_0000000000000000_nope", claim_body(preset))[0].status_code == 401
+            response, served = post(good, claim_body(preset))
+    finally:
+        ratelimit.reset(address=address, kind=ratelimit.API_TOKEN)
+
+    # Blocked: even a good token is refused before it is looked at, and nothing is claimed.
+    assert served.handed_over == ["/api/v2/workspaces"]
+    assert response.status_code == 429
+    assert response.json()["error"] == "rate_limited"
+    assert not PrebuildClaim.objects.exists()
+
+
+@pytest.mark.parametrize("pool", ["empty", "none-kept"])
+def test_without_a_prebuild_to_claim_the_view_builds_cold_and_records_the_miss(pool):
+    preset = PresetFactory(desired_instances=None if pool == "none-kept" else 1)
+    alice = UserFactory()
+
+    response, served = post(fresh_token(alice), claim_body(preset))
+
+    assert served.handed_over == ["/api/v2/workspaces"]
+    assert response.status_code == 201
+    assert response.json()["claimed_prebuild"] is False
+    assert Workspace.objects.get(id=response.json()["id"]).owner_id == alice.id
+    misses = PrebuildClaim.objects.filter(claimed=False).count()
+    assert misses == (1 if pool == "empty" else 0)
+
+
+def test_a_disallowed_host_goes_to_the_view():
+    preset = PresetFactory()
+    prebuild(preset)
+
+    response, served = post(fresh_token(UserFactory()), claim_body(preset), Host="evil.example")
+
+    assert served.handed_over == ["/api/v2/workspaces"]
+    assert response.status_code == 400  # Django's DisallowedHost answer
+    assert not PrebuildClaim.objects.exists()
+
+
+def test_concurrent_claims_never_share_a_workspace_and_misses_are_built_cold():
+    preset = PresetFactory()
+    pool = {str(prebuild(preset).id) for _ in range(8)}
+    users = [UserFactory() for _ in range(20)]
+    bodies = [(fresh_token(user), claim_body(preset, "dev")) for user in users]
+    served = Served()
+
+    answers = asyncio.run(_post_all(bodies, served))
+
+    assert [a.status_code for a in answers] == [201] * 20
+    claimed = [a.json()["id"] for a in answers if a.json()["claimed_prebuild"]]
+    assert sorted(claimed) == sorted(pool)  # each prebuild exactly once
+    assert len(served.handed_over) >= 12  # every miss went to the view, which built cold
+    cold = [a.json()["id"] for a in answers if not a.json()["claimed_prebuild"]]
+    assert len(set(cold)) == 12 and not set(cold) & pool
+    for workspace_id in pool:
+        assert WorkspaceBuild.objects.filter(workspace_id=workspace_id, is_claim=True).count() == 1
+
+
+def test_with_the_fast_path_off_every_claim_goes_to_the_view():
+    preset = PresetFactory()
+    prebuild(preset)
+
+    with override_settings(CLAIM_FAST_PATH=False):
+        response, served = post(fresh_token(UserFactory()), claim_body(preset))
+
+    assert response.status_code == 201 and response.json()["claimed_prebuild"] is True
+    assert served.handed_over == []  # the fast path never saw it
