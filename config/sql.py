@@ -35,6 +35,7 @@ class Columns(Generic[M]):
         self.fields = tuple(f for f in model._meta.concrete_fields if f.name not in exclude)
         self.attnames = [f.attname for f in self.fields]
         self._converters: list[tuple[int, Callable[..., Any], models.Field]] | None = None
+        self._connection: Any = None
 
     def __len__(self) -> int:
         return len(self.fields)
@@ -45,16 +46,18 @@ class Columns(Generic[M]):
 
     def load(self, values: Sequence[Any]) -> M:
         """An instance of the model from exactly ``len(self)`` values, in ``select`` order."""
-        connection = connections[DEFAULT_DB_ALIAS]
         if self._converters is None:
+            # The connection is only an argument of the converters (the backend's vendor and
+            # operations); looking it up per call is a context-local lookup on the hot path.
+            self._connection = connections[DEFAULT_DB_ALIAS]
             self._converters = [
                 (index, converter, field)
                 for index, field in enumerate(self.fields)
-                for converter in field.get_db_converters(connection)
+                for converter in field.get_db_converters(self._connection)
             ]
         row = list(values)
         for index, converter, field in self._converters:
-            row[index] = converter(row[index], field, connection)
+            row[index] = converter(row[index], field, self._connection)
         return self.model.from_db(DEFAULT_DB_ALIAS, self.attnames, row)
 
 

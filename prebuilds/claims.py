@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 import psycopg
-from django.db import connection, models, transaction
+from django.db import DEFAULT_DB_ALIAS, connection, models, transaction
 from django.utils import timezone
 
 from accounts.models import SYSTEM_USER_ID, User
@@ -175,7 +175,8 @@ def _lock_and_transfer(
 
 def _saved(instance: M) -> M:
     """Mark ``instance`` as a row of the database (a later ``save()`` updates, not inserts)."""
-    instance._state.adding, instance._state.db = False, connection.alias
+    # The alias, not ``connection.alias``: that is a context-local lookup, on the hot path.
+    instance._state.adding, instance._state.db = False, DEFAULT_DB_ALIAS
     return instance
 
 
