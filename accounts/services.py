@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from datetime import datetime
 
 from django.contrib.auth.hashers import make_password
 from django.db import transaction
@@ -90,15 +91,34 @@ def api_token_authenticate(token: str) -> User | None:
         return None
     key_id, secret = parts
     api_token = _unrevoked_api_token(key_id)
-    if api_token is None or not tokens.secret_matches(secret, api_token.secret_hash):
+    user = api_token_user(api_token, secret) if api_token is not None else None
+    if user is None:
+        return None
+    now = timezone.now()
+    if api_token_touch_due(api_token, now):
+        ApiToken.objects.filter(id=api_token.id).update(last_used_at=now)
+    return user
+
+
+# Seconds between two writes of a token's ``last_used_at``.
+LAST_USED_REFRESH = 60
+
+
+def api_token_user(api_token: ApiToken, secret: str) -> User | None:
+    """The token's user if ``secret`` is its secret (constant time) and the user may use the
+    API (active, not a system user); else None. ``api_token.user`` must be loaded."""
+    if not tokens.secret_matches(secret, api_token.secret_hash):
         return None
     user = api_token.user
     if user.is_system or not user.is_active:
         return None
-    now = timezone.now()
-    if api_token.last_used_at is None or (now - api_token.last_used_at).total_seconds() > 60:
-        ApiToken.objects.filter(id=api_token.id).update(last_used_at=now)
     return user
+
+
+def api_token_touch_due(api_token: ApiToken, now: datetime) -> bool:
+    """Whether a use at ``now`` must refresh ``last_used_at`` (at most once a minute)."""
+    last = api_token.last_used_at
+    return last is None or (now - last).total_seconds() > LAST_USED_REFRESH
 
 
 @functools.cache

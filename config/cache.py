@@ -14,13 +14,14 @@ event loop: its connections belong to the loop that made them).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable
 from typing import Any
 
 import redis.asyncio
 from django.core.cache.backends.redis import RedisCache as DjangoRedisCache
 from django.core.cache.backends.redis import RedisCacheClient
+
+from config.loops import PerLoop
 
 
 class ReusingRedisCacheClient(RedisCacheClient):
@@ -43,29 +44,19 @@ class RedisCache(DjangoRedisCache):
     def __init__(self, server: str, params: dict[str, Any]) -> None:
         super().__init__(server, params)
         self._class = ReusingRedisCacheClient
-        self._async_clients: dict[asyncio.AbstractEventLoop, redis.asyncio.Redis] = {}
+        self._async_clients = PerLoop(lambda: redis.asyncio.Redis.from_url(self._servers[0]))
 
     async def aget_many(self, keys: Iterable[str], version: int | None = None) -> dict[str, Any]:
         """``get_many`` without leaving the event loop (same keys, same decoded values)."""
         keys = list(keys)
         names = [self.make_and_validate_key(key, version=version) for key in keys]
-        values = await self._async_client().mget(names)
+        values = await self._async_clients.get().mget(names)
         loads = self._cache._serializer.loads
         found = zip(keys, values, strict=True)
         return {key: loads(value) for key, value in found if value is not None}
 
-    def _async_client(self) -> redis.asyncio.Redis:
-        loop = asyncio.get_running_loop()
-        clients = self._async_clients
-        client = clients.get(loop)
-        if client is None:
-            for old in [old for old in clients if old.is_closed()]:
-                del clients[old]  # loops that are gone (tests run several)
-            client = clients[loop] = redis.asyncio.Redis.from_url(self._servers[0])
-        return client
-
     async def aclose_async(self) -> None:
         """Close the running loop's client, if it made one."""
-        client = self._async_clients.pop(asyncio.get_running_loop(), None)
+        client = self._async_clients.pop()
         if client is not None:
             await client.aclose()

@@ -156,7 +156,7 @@ def _lock_and_transfer(
     and no longer selects the workspace. Once we hold the lock nobody can add a build (the
     reconciler and ``build_create`` take the same row lock first).
     """
-    params = {"template": preset.template_version.template_id, "preset": preset.id}
+    params = _lock_params(preset)
     for _ in range(LOCK_ATTEMPTS):
         cursor.execute(ELIGIBLE_PREBUILD_SQL, params, prepare=True)
         row = cursor.fetchone()
@@ -215,7 +215,7 @@ def claim_prebuild(user: User, preset: TemplateVersionPreset, name: str) -> Work
             sql, params = claim.insert_statement()
             cursor.execute(sql, params, prepare=True)
             agents = claim.agents(cursor.fetchall())
-        transaction.on_commit(partial(jobs.job_enqueue, claim.job.id, claim.queue))
+        transaction.on_commit(partial(jobs.job_enqueue, claim.job.id, claim.job.queue))
     return claim.workspace(name, agents)
 
 
@@ -231,7 +231,7 @@ async def claim_prebuild_async(
     """
     workspace_name_validate(name)
     now = timezone.now()
-    params = {"template": preset.template_version.template_id, "preset": preset.id}
+    params = _lock_params(preset)
     transfer = _transfer(user, name, now)
     with _name_conflict(name):
         for _ in range(LOCK_ATTEMPTS):
@@ -261,6 +261,10 @@ async def claim_prebuild_async(
     return None
 
 
+def _lock_params(preset: TemplateVersionPreset) -> dict[str, Any]:
+    return {"template": preset.template_version.template_id, "preset": preset.id}
+
+
 def _transfer(user: User, name: str, now: datetime) -> dict[str, Any]:
     return {"system": SYSTEM_USER_ID, "owner": user.id, "name": name, "now": now}
 
@@ -286,7 +290,6 @@ class _Claim:
     preset: TemplateVersionPreset
     locked: _Locked
     now: datetime
-    queue: str
     job: ProvisionerJob
     build: WorkspaceBuild
     record: PrebuildClaim
@@ -313,7 +316,7 @@ class _Claim:
         record = PrebuildClaim(
             preset=preset, user=user, workspace_id=locked.id, claimed=True, requested_at=now
         )
-        return cls(user, preset, locked, now, queue, job, build, record)
+        return cls(user, preset, locked, now, job, build, record)
 
     def insert_statement(self) -> tuple[str, list[Any]]:
         """One statement inserting job, build and claim record and reading the current agents.

@@ -29,7 +29,6 @@ clickjacking middleware add, computed by that middleware once per process.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import logging
@@ -51,7 +50,8 @@ from django.utils import timezone
 
 from accounts import ratelimit, tokens
 from accounts.models import ApiToken, Membership, Organization, User
-from accounts.services import API_TOKEN_PREFIX
+from accounts.services import API_TOKEN_PREFIX, api_token_touch_due, api_token_user
+from config.loops import PerLoop
 from config.sql import columns, load_row
 from prebuilds.claims import claim_prebuild_async
 from workspaces import job_publisher, selectors, serializers
@@ -66,9 +66,6 @@ FIELDS = {"name", "template_version_preset_id"}
 # are a few short statements; on the 2-vCPU benchmark machine four connections kept the
 # database busy with the best tail latency (ten made its backends contend: p99 135 vs 70 ms).
 POOL_SIZE = 4
-# ``accounts.services.api_token_authenticate`` refreshes ``last_used_at`` once a minute; a
-# token due for it goes to the view, which writes it.
-LAST_USED_REFRESH = 60
 # Seconds to wait for one of the pool's connections before handing the request to Django.
 CONNECTION_TIMEOUT = 5.0
 
@@ -166,7 +163,7 @@ class FastClaim:
 
     def __init__(self, fallback: ASGIApp) -> None:
         self.fallback = fallback
-        self._pools: dict[tuple[asyncio.AbstractEventLoop, str], Any] = {}
+        self._pools = PerLoop(_new_pool)
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         body, more, gone = await _read_body(receive, settings.DATA_UPLOAD_MAX_MEMORY_SIZE)
@@ -237,42 +234,38 @@ class FastClaim:
         workspace, job = claimed
         return workspace, job, secure
 
-    async def _pool(self):
-        """This event loop's connection pool for the current database (opened on first use).
-
-        Requests that arrive while it opens find it not open yet and go to Django meanwhile.
-        """
-        loop = asyncio.get_running_loop()
-        database = connections[DEFAULT_DB_ALIAS]
-        key = (loop, database.settings_dict["NAME"])
-        pool = self._pools.get(key)
-        if pool is None:
-            for old in [old for old in self._pools if old[0].is_closed()]:
-                del self._pools[old]
-            # Django's own connection parameters: its adapters (JSON as text for the model
-            # converters, timestamps in UTC) and its prepared-statement threshold.
-            params = database.get_connection_params()
-            params.pop("cursor_factory", None)
-            pool = self._pools[key] = psycopg_pool.AsyncConnectionPool(
-                kwargs={**params, "autocommit": True},
-                min_size=POOL_SIZE,
-                max_size=POOL_SIZE,
-                open=False,
-                name="fast-claim",
-            )
+    async def _pool(self) -> psycopg_pool.AsyncConnectionPool:
+        """This event loop's connection pool, opened on first use (opening it again is a no-op,
+        so requests racing the first one wait for it too)."""
+        pool = self._pools.get()
+        if pool.closed:
             await pool.open()
         return pool
 
     async def aclose(self) -> None:
         """Close what this event loop holds: pool, broker and cache clients (tests run a loop
         per test; a web process keeps its one loop until it exits)."""
-        loop = asyncio.get_running_loop()
-        for key in [key for key in self._pools if key[0] is loop]:
-            await self._pools.pop(key).close()
+        pool = self._pools.pop()
+        if pool is not None:
+            await pool.close()
         await job_publisher.aclose()
         close = getattr(ratelimit.cache, "aclose_async", None)
         if close is not None:
             await close()
+
+
+def _new_pool() -> psycopg_pool.AsyncConnectionPool:
+    """A pool (not open yet) with Django's own connection parameters: its adapters (JSON as
+    text for the model converters, timestamps in UTC) and its prepared-statement threshold."""
+    params = connections[DEFAULT_DB_ALIAS].get_connection_params()
+    params.pop("cursor_factory", None)  # Django's sync cursor class
+    return psycopg_pool.AsyncConnectionPool(
+        kwargs={**params, "autocommit": True},
+        min_size=POOL_SIZE,
+        max_size=POOL_SIZE,
+        open=False,
+        name="fast-claim",
+    )
 
 
 def _parse(body: bytes) -> tuple[str, UUID] | None:
@@ -292,7 +285,12 @@ def _parse(body: bytes) -> tuple[str, UUID] | None:
 
 async def _read(conn, parts: tuple[str, str], preset_id: UUID):
     """(user, preset) when the token is valid and fresh and the preset is the user's to claim
-    from (member, template live, preset on the active version, keeping prebuilds); else None."""
+    from (member, template live, preset on the active version, keeping prebuilds); else None.
+
+    The token checks are ``api_token_authenticate``'s own; the preset checks are the ones
+    ``workspaces.creation.workspace_request`` raises errors for (keep them in step): here any
+    failure only means "not ours", and the view then gives the error.
+    """
     key_id, secret = parts
     sql, groups = _read_sql()
     cursor = await conn.execute(sql, [key_id, preset_id], prepare=True)
@@ -301,14 +299,11 @@ async def _read(conn, parts: tuple[str, str], preset_id: UUID):
         return None
     api_token, user, preset, version, template, organization = load_row(row[:-1], *groups)
     member = row[-1]
-    if not tokens.secret_matches(secret, api_token.secret_hash):
+    api_token.user = user
+    if api_token_user(api_token, secret) is None:
         return None
-    if user.is_system or not user.is_active:
-        return None
-    if api_token.last_used_at is None or (
-        (timezone.now() - api_token.last_used_at).total_seconds() > LAST_USED_REFRESH
-    ):
-        return None
+    if api_token_touch_due(api_token, timezone.now()):
+        return None  # the view writes last_used_at
     if not member or template.deleted or preset.desired_instances is None:
         return None
     if template.active_version_id != preset.template_version_id:

@@ -17,7 +17,6 @@ and the periodic sweep re-enqueues it.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import functools
 import json
@@ -31,6 +30,7 @@ from asgiref.sync import sync_to_async
 from kombu import serialization
 
 from config import env
+from config.loops import PerLoop
 from workspaces.jobs import RUN_JOB_TASK, job_enqueue
 
 logger = logging.getLogger(__name__)
@@ -85,36 +85,30 @@ def _serializer() -> str:
     return app.conf.task_serializer
 
 
-_clients: dict[asyncio.AbstractEventLoop, redis.asyncio.Redis] = {}
+def _broker_client() -> redis.asyncio.Redis:
+    from django.conf import settings
+
+    return redis.asyncio.Redis.from_url(env.redis_url_of_broker(settings.CELERY_BROKER_URL))
 
 
-def _client(url: str) -> redis.asyncio.Redis:
-    """The broker client of the running loop (its connections belong to that loop)."""
-    loop = asyncio.get_running_loop()
-    client = _clients.get(loop)
-    if client is None:
-        for old in [old for old in _clients if old.is_closed()]:
-            del _clients[old]
-        client = _clients[loop] = redis.asyncio.Redis.from_url(url)
-    return client
+_clients = PerLoop(_broker_client)
 
 
 async def job_enqueue_async(job_id: UUID, queue: str) -> None:
     """``job_enqueue`` from the event loop: one ``LPUSH`` on a Redis broker. Never raises."""
     from django.conf import settings
 
-    url = env.redis_url_of_broker(settings.CELERY_BROKER_URL)
-    if url is None:
+    if env.redis_url_of_broker(settings.CELERY_BROKER_URL) is None:
         await sync_to_async(job_enqueue, thread_sensitive=False)(job_id, queue)
         return
     try:
-        await _client(url).lpush(queue, job_message(job_id, queue))
+        await _clients.get().lpush(queue, job_message(job_id, queue))
     except Exception:  # the broker may be down; the sweep will retry
         logger.exception("job_enqueue_failed job=%s queue=%s", job_id, queue)
 
 
 async def aclose() -> None:
     """Close the running loop's broker client, if it made one."""
-    client = _clients.pop(asyncio.get_running_loop(), None)
+    client = _clients.pop()
     if client is not None:
         await client.aclose()

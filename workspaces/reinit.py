@@ -34,6 +34,7 @@ from asgiref.sync import sync_to_async
 from django.db import close_old_connections, connection
 
 from config import env
+from config.loops import PerLoop
 from workspaces.models import JobStatus, WorkspaceAgent, WorkspaceBuild
 
 logger = logging.getLogger(__name__)
@@ -187,19 +188,12 @@ class ReinitListener:
         self._wake(workspace_id)
 
 
-_listeners: dict[asyncio.AbstractEventLoop, ReinitListener] = {}
+_listeners = PerLoop(ReinitListener)
 
 
 def get_listener() -> ReinitListener:
     """The listener of the running event loop (one per web process under uvicorn)."""
-    loop = asyncio.get_running_loop()
-    listener = _listeners.get(loop)
-    if listener is None:
-        # Loops that are gone (tests run one per request) are forgotten.
-        for old in [old for old in _listeners if old.is_closed()]:
-            del _listeners[old]
-        listener = _listeners[loop] = ReinitListener()
-    return listener
+    return _listeners.get()
 
 
 async def wait_for_reinit(
