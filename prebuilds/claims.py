@@ -47,8 +47,7 @@ M = TypeVar("M", bound=models.Model)
 NAME_CONSTRAINT = "workspace_name_unique_live"
 
 # The oldest eligible prebuild of the preset, locked for us. Oldest first because it is the
-# one closest to its TTL, and because the order is the index's (``workspace_prebuild`` is on
-# template, created_at): the scan stops at the first match instead of sorting the whole pool.
+# one closest to its TTL.
 # Eligible (DESIGN.md §1): owned by the system user, not deleted, latest build a succeeded start
 # of this preset on the template's active version (template not deleted), every current agent
 # ready (at least one), and not expired by invalidation or TTL. SKIP LOCKED lets concurrent
@@ -56,16 +55,29 @@ NAME_CONSTRAINT = "workspace_name_unique_live"
 # the reconciler is deleting is locked by it and skipped too.
 # Plans: the statement is prepared once per connection and runs on a generic plan, so the
 # constants the partial indexes are defined with (the system user, 'ready') are written into
-# the text rather than passed: the planner can then match them. The scan starts from the
-# template's live prebuilds (``workspace_prebuild``: a claimed workspace leaves it) and tests
-# agents through ``agent_current_not_ready``, so its cost follows the template's pool, not the
-# number of workspaces or agents in the installation, nor how many were claimed before (with
-# the earlier owner filter the generic plan scanned the table: 8.4 ms of database CPU per
-# claim once 4,000 of a pool of 8,000 were claimed, 1.9 ms now at any point). Prebuilds of
-# the template's other presets that are older are stepped over (a pool's worth at most).
+# the text rather than passed: the planner can then match them. A generic plan's row estimates
+# are averages (a template's pool counts as "one template's share" of all prebuilds), so the
+# planner cannot tell a large pool from a small one: left to itself it judged all 1,100
+# prebuilds of a pool and sorted them (10 ms of database CPU per claim once 100 other
+# templates had pools of their own), where walking the pool oldest first stops at the first
+# eligible one (0.1 ms). So the candidates are a subquery of their own, the template's live
+# prebuilds in the order of the ``workspace_prebuild`` index (template, created_at), limited
+# to ``window``: a limit the planner can only meet by reading that index in order, and an order
+# the outer query keeps (it sorts by the subquery's column), so nothing is sorted and the scan
+# stops at the first row it can lock. The claim runs it with ``CANDIDATE_WINDOW`` first and,
+# only when that finds nothing (its candidates ineligible, or locked by concurrent claims),
+# once more with no limit (``_lock_tries``): the answer is the whole pool's either way.
+# Agents are tested through the partial index ``agent_current_not_ready``.
 ELIGIBLE_PREBUILD_SQL = f"""
 SELECT w.id, w.organization_id, w.template_id, w.created_at, w.host_queue, latest.build_number
-FROM workspaces_workspace w
+FROM (
+    SELECT c.id, c.created_at
+    FROM workspaces_workspace c
+    WHERE c.owner_id = '{SYSTEM_USER_ID}'::uuid AND NOT c.deleted AND c.template_id = %(template)s
+    ORDER BY c.created_at
+    LIMIT %(window)s
+) candidate
+JOIN workspaces_workspace w ON w.id = candidate.id
 JOIN LATERAL (
     SELECT b.build_number, b.template_version_id, b.preset_id, b.transition, b.job_id
     FROM workspaces_workspacebuild b
@@ -96,10 +108,14 @@ WHERE w.owner_id = '{SYSTEM_USER_ID}'::uuid
       WHERE a.workspace_id = w.id AND a.retired_at IS NULL
         AND a.lifecycle_state <> '{AgentLifecycle.READY.value}'
   )
-ORDER BY w.created_at
+ORDER BY candidate.created_at
 LIMIT 1
 FOR UPDATE OF w SKIP LOCKED
 """
+
+# Candidates judged by the first try: room for the prebuilds concurrent claims hold locked
+# (one per claim in flight) and a few older ones of the template's other presets.
+CANDIDATE_WINDOW = 32
 
 # The ownership transfer, guarded: it matches nothing unless the locked prebuild still belongs
 # to the system user and its latest build is still the one we selected. A fresh statement, so
@@ -156,11 +172,14 @@ def _lock_and_transfer(
     and no longer selects the workspace. Once we hold the lock nobody can add a build (the
     reconciler and ``build_create`` take the same row lock first).
     """
-    params = _lock_params(preset)
+    tries = _lock_tries(preset)
     for _ in range(LOCK_ATTEMPTS):
-        cursor.execute(ELIGIBLE_PREBUILD_SQL, params, prepare=True)
-        row = cursor.fetchone()
-        if row is None:
+        for params in tries:  # the window first, the whole pool only when it finds nothing
+            cursor.execute(ELIGIBLE_PREBUILD_SQL, params, prepare=True)
+            row = cursor.fetchone()
+            if row is not None:
+                break
+        else:
             return None
         locked = _Locked(*row)
         cursor.execute(
@@ -231,14 +250,17 @@ async def claim_prebuild_async(
     """
     workspace_name_validate(name)
     now = timezone.now()
-    params = _lock_params(preset)
+    tries = _lock_tries(preset)
     transfer = _transfer(user, name, now)
     with _name_conflict(name):
         for _ in range(LOCK_ATTEMPTS):
             async with conn.transaction():
-                cursor = await conn.execute(ELIGIBLE_PREBUILD_SQL, params, prepare=True)
-                row = await cursor.fetchone()
-                if row is None:
+                for params in tries:  # as in ``_lock_and_transfer``
+                    cursor = await conn.execute(ELIGIBLE_PREBUILD_SQL, params, prepare=True)
+                    row = await cursor.fetchone()
+                    if row is not None:
+                        break
+                else:
                     return None
                 locked = _Locked(*row)
                 cursor = await conn.execute(
@@ -261,8 +283,10 @@ async def claim_prebuild_async(
     return None
 
 
-def _lock_params(preset: TemplateVersionPreset) -> dict[str, Any]:
-    return {"template": preset.template_version.template_id, "preset": preset.id}
+def _lock_tries(preset: TemplateVersionPreset) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Parameters of ``ELIGIBLE_PREBUILD_SQL``: the window of candidates, then all of them."""
+    params = {"template": preset.template_version.template_id, "preset": preset.id}
+    return {**params, "window": CANDIDATE_WINDOW}, {**params, "window": None}  # LIMIT NULL: all
 
 
 def _transfer(user: User, name: str, now: datetime) -> dict[str, Any]:

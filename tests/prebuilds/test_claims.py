@@ -3,11 +3,13 @@ from __future__ import annotations
 import threading
 from datetime import timedelta
 
+import psycopg
 import pytest
 from django.db import connection, transaction
 from django.utils import timezone
 
 from accounts.models import SYSTEM_USER_ID
+from prebuilds import claims
 from prebuilds.claims import claim_prebuild
 from tests.accounts.factories import UserFactory
 from tests.workspaces.factories import PresetFactory, TemplateVersionFactory, prebuild
@@ -84,6 +86,83 @@ def test_it_takes_only_this_presets_prebuilds_among_its_templates_pools():
 
     assert claim_prebuild(UserFactory(), preset, "dev").id == mine.id
     assert claim_prebuild(UserFactory(), preset, "dev") is None
+
+
+@pytest.fixture
+def claim_statements(monkeypatch):
+    """The statements the claim sends on its own cursor (Django's query capture misses them)."""
+    sent: list[str] = []
+
+    class Recording(psycopg.Cursor):
+        def execute(self, query, params=None, **kwargs):
+            sent.append(query)
+            return super().execute(query, params, **kwargs)
+
+    monkeypatch.setattr(claims.psycopg, "Cursor", Recording)
+    return sent
+
+
+def test_it_looks_past_the_window_of_oldest_candidates_when_none_of_them_is_eligible(
+    monkeypatch, claim_statements
+):
+    monkeypatch.setattr(claims, "CANDIDATE_WINDOW", 2)
+    preset = PresetFactory()
+    sibling = PresetFactory(template_version=preset.template_version)
+    for minutes in (50, 40):  # the whole window: another preset's prebuilds
+        prebuild(sibling, created_at=timezone.now() - timedelta(minutes=minutes))
+    mine = prebuild(preset, created_at=timezone.now() - timedelta(minutes=5))
+
+    assert claim_prebuild(UserFactory(), preset, "dev").id == mine.id
+    locks = claim_statements[:2]
+    assert locks == [claims.ELIGIBLE_PREBUILD_SQL] * 2  # window, then the whole pool
+    assert len(claim_statements) == 4  # then transfer and inserts
+
+
+def test_a_claim_within_the_window_takes_one_lock_statement(claim_statements):
+    preset = PresetFactory()
+    pool = prebuild(preset)
+
+    assert claim_prebuild(UserFactory(), preset, "dev").id == pool.id
+    assert claim_statements == [
+        claims.ELIGIBLE_PREBUILD_SQL,
+        claims.TRANSFER_SQL,
+        claim_statements[2],  # the inserts, whose text depends on the rows
+    ]
+
+
+def test_the_lock_walks_the_pool_oldest_first_and_stops_at_the_first_eligible_one():
+    """On the generic plan the claim runs on, the pool is read in order and only until a
+    prebuild is locked (not all judged, then sorted): the cost does not grow with the pool."""
+    preset = PresetFactory()
+    for minutes in range(30):
+        prebuild(preset, created_at=timezone.now() - timedelta(minutes=minutes))
+    params = claims._lock_tries(preset)[1]  # no window: the planner could sort the pool
+    sql = claims.ELIGIBLE_PREBUILD_SQL.replace("%(template)s", "$1").replace("%(preset)s", "$2")
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE")
+        cursor.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        cursor.execute(
+            "PREPARE lock_probe(uuid, uuid, bigint) AS " + sql.replace("%(window)s", "$3")
+        )
+        cursor.execute(
+            "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE lock_probe(%s, %s, %s)",
+            [params["template"], params["preset"], params["window"]],
+        )
+        plan = cursor.fetchone()[0][0]["Plan"]
+        cursor.execute("DEALLOCATE lock_probe")
+
+    def path_to_candidates(node, above=()):
+        """The node types from the top of the plan down to the candidates' scan."""
+        if node.get("Alias") == "candidate":
+            return [*above, node]
+        for child in node.get("Plans", ()):
+            if found := path_to_candidates(child, (*above, node)):
+                return found
+        return None
+
+    path = path_to_candidates(plan)
+    assert "Sort" not in [node["Node Type"] for node in path]  # ordered by the candidates
+    assert path[-1]["Actual Rows"] == 1  # of 30: it stopped at the first
 
 
 def test_one_agent_not_ready_makes_the_whole_prebuild_ineligible():
