@@ -6,8 +6,9 @@ each with one agent initialised for the system user, and keep their plain agent 
 client in this process (its own thread running an asyncio loop, ``httpx.AsyncClient`` with room
 for every connection) opens one ``GET /api/v2/workspaceagents/me/reinit?wait=60`` per agent, all
 at once, and re-polls on a 204 as the agent program does. We wait until the web process holds
-them all: every TCP connection is established (``/proc/net/tcp``) and the web process has gone
-quiet (under 10% of a CPU for half a second: every request authenticated and parked).
+them all: every TCP connection is established (``/proc/net/tcp``), and twice in a row the web
+process has been quiet for half a second (under 10% of a CPU) with no query running in the
+database: every request authenticated, checked and parked.
 
 Then, one at a time, ``CLAIMS`` workspaces are claimed directly in the database the way a
 claim request and a worker do it: ``claim_prebuild`` (owner change plus claim build in one
@@ -127,19 +128,40 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks (USER_HZ)
 
 
+def _busy_backends() -> int:
+    """Queries running in the scratch database now, other than this one."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND state = 'active' AND pid <> pg_backend_pid()"
+        )
+        return cursor.fetchone()[0]
+
+
 def _settle(pid: int, port: int, expected: int) -> float:
-    """Wait until ``expected`` connections are established and the web process is idle."""
+    """Wait until ``expected`` connections are established and every request is parked.
+
+    Parked: the web process is idle (under 10% of a CPU for half a second) *and* no query is
+    running in the database, twice in a row. Web CPU alone is not enough: while the first
+    checks wait on a busy database the web process is idle too, and a claim made then would
+    be answered only when its agent's queued first check runs (seconds later, on a slow
+    machine), which is not the delivery this measures.
+    """
     started = time.monotonic()
     deadline = started + SETTLE_TIMEOUT
     while _established(port) < expected:
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {_established(port)} of {expected} connections established")
         time.sleep(0.1)
-    while True:
+    quiet = 0
+    while quiet < 2 and time.monotonic() < deadline:
         before = _cpu_seconds(pid)
         time.sleep(0.5)
-        if _cpu_seconds(pid) - before < 0.05 or time.monotonic() > deadline:
-            return time.monotonic() - started
+        idle = _cpu_seconds(pid) - before < 0.05 and _busy_backends() == 0
+        quiet = quiet + 1 if idle else 0
+    return time.monotonic() - started
 
 
 def _raise_fd_limit(needed: int) -> None:
