@@ -5,13 +5,15 @@ at 20 and 100 concurrent clients with zero 5xx, driven from a separate process o
 
 Set-up: one uvicorn web process (subprocess, its own ``DATA_DIR`` and broker, no worker: claim
 builds stay pending, we measure the web tier) on the scratch database; a pooled preset with
-enough ready prebuilds that no claim misses, plus 20 more pooled presets so the dashboard has
-rows to compute. This process is the load generator: ``concurrency`` asyncio clients over
-keep-alive connections, each sending its next request as soon as the previous answer arrived
-(a closed loop: the worst case for latency, since the server is never idle), for a fixed time.
+enough ready prebuilds for every claim of both steps (``POOL``), plus 20 more pooled presets
+so the dashboard has rows to compute. This process is the load generator: ``concurrency``
+asyncio clients over keep-alive connections, each sending its next request as soon as the
+previous answer arrived (a closed loop: the worst case for latency, since the server is never
+idle), for a fixed time.
 
 - ``load_claim_<c>_*``: ``POST /api/v2/workspaces`` with the pooled preset, one user and API
-  token per client, every name unique.
+  token per client, every name unique. ``load_claim_<c>_missed`` counts answers that were not
+  claims (a cold build instead: the pool ran dry, and the figures are no longer the claim's).
 - ``load_dashboard_<c>_*``: ``GET /prebuilds/`` as HTMX (the live fragment the overview
   polls), with a staff session.
 - ``load_me_<c>_*``: ``GET /api/v2/users/me`` with an API token, the cheapest authenticated API
@@ -33,6 +35,7 @@ from benchmarks.claim import command_preset, insert_ready_prebuilds, user_with_t
 from benchmarks.processes import percentile, session
 
 CONCURRENCY = (20, 100)
+POOL = 16_000  # about 15 s at 500 claims a second, for each of the two steps
 
 
 def _staff_session_cookie() -> str:
@@ -94,8 +97,8 @@ def run(*, quick: bool) -> dict[str, Any]:
     from django.db import connection
 
     seconds = 5.0 if quick else 15.0
-    preset = command_preset("bench-load", 5000)
-    insert_ready_prebuilds(preset, 5000)
+    preset = command_preset("bench-load", POOL)
+    insert_ready_prebuilds(preset, POOL)
     for index in range(20):
         other = command_preset(f"bench-load-{index}", 3)
         insert_ready_prebuilds(other, 3)
@@ -110,9 +113,14 @@ def run(*, quick: bool) -> dict[str, Any]:
         base = current.web_url
         limits = httpx.Limits(max_connections=max(CONCURRENCY) + 10)
 
+        missed = 0
+
         async def claim(client: httpx.AsyncClient, n: int) -> int:
+            nonlocal missed
             body = {"name": f"n{n}", "template_version_preset_id": str(preset.id)}
             response = await client.post(f"{base}/api/v2/workspaces", json=body)
+            if response.status_code == 201 and not response.json()["claimed_prebuild"]:
+                missed += 1
             return response.status_code
 
         async def dashboard(client: httpx.AsyncClient, n: int) -> int:
@@ -143,8 +151,11 @@ def run(*, quick: bool) -> dict[str, Any]:
                 async def claim_round(client, n):
                     return await claim(client, round_ * 100_000 + n)
 
+                nonlocal missed
+                missed = 0
                 summary = await _drive([(c, claim_round) for c in clients], seconds)
                 results.update(_summary(f"load_claim_{concurrency}", *summary))
+                results[f"load_claim_{concurrency}_missed"] = missed
                 summary = await _drive([(c, dashboard) for c in staff], seconds)
                 results.update(_summary(f"load_dashboard_{concurrency}", *summary))
                 summary = await _drive([(c, me) for c in clients], seconds)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import threading
 from datetime import timedelta
 
@@ -163,6 +164,39 @@ def test_the_lock_walks_the_pool_oldest_first_and_stops_at_the_first_eligible_on
     path = path_to_candidates(plan)
     assert "Sort" not in [node["Node Type"] for node in path]  # ordered by the candidates
     assert path[-1]["Actual Rows"] == 1  # of 30: it stopped at the first
+
+
+def stale_first_lock(monkeypatch) -> list:
+    """The first prebuild locked looks as if its latest build changed before the lock (a build
+    committed between the statement's snapshot and its lock): the guarded transfer must match
+    nothing, and the claim look again. Answers the locks taken."""
+    locks: list = []
+    real = claims._Locked
+
+    def locked(*row):
+        lock = real(*row)
+        locks.append(lock)
+        if len(locks) == 1:
+            return dataclasses.replace(lock, latest_build_number=lock.latest_build_number - 1)
+        return lock
+
+    monkeypatch.setattr(claims, "_Locked", locked)
+    return locks
+
+
+def test_a_prebuild_whose_latest_build_changed_before_the_lock_is_looked_at_again(monkeypatch):
+    preset = PresetFactory()
+    pool = prebuild(preset)
+    locks = stale_first_lock(monkeypatch)
+
+    workspace = claim_prebuild(UserFactory(), preset, "dev")
+
+    assert [lock.id for lock in locks] == [pool.id, pool.id]  # the second look sees it current
+    assert workspace.id == pool.id
+    assert list(pool.builds.order_by("build_number").values_list("build_number", "is_claim")) == [
+        (1, False),
+        (2, True),
+    ]
 
 
 def test_one_agent_not_ready_makes_the_whole_prebuild_ineligible():

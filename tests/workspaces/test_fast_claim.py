@@ -141,6 +141,25 @@ def test_it_serves_a_claim_on_the_event_loop():
     assert [m["headers"]["task"] for m in mine] == [RUN_JOB_TASK]
 
 
+def test_a_prebuild_whose_latest_build_changed_before_the_lock_is_looked_at_again(monkeypatch):
+    from tests.prebuilds.test_claims import stale_first_lock
+
+    preset = PresetFactory()
+    pool = prebuild(preset)
+    locks = stale_first_lock(monkeypatch)
+
+    response, served = post(fresh_token(UserFactory()), claim_body(preset))
+
+    assert served.handed_over == []
+    assert [lock.id for lock in locks] == [pool.id, pool.id]
+    assert response.status_code == 201 and response.json()["id"] == str(pool.id)
+    assert list(pool.builds.order_by("build_number").values_list("build_number", "is_claim")) == [
+        (1, False),
+        (2, True),
+    ]
+    assert PrebuildClaim.objects.filter(workspace=pool).count() == 1
+
+
 def _without_ids(document: dict) -> dict:
     document = json.loads(json.dumps(document))
     for key in ("id", "name", "created_at"):
