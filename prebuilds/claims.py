@@ -119,7 +119,7 @@ CANDIDATE_WINDOW = 32
 
 # The ownership transfer, guarded: it matches nothing unless the locked prebuild still belongs
 # to the system user and its latest build is still the one we selected. A fresh statement, so
-# it sees any build committed before we took the lock (see ``_lock_eligible_prebuild``).
+# it sees any build committed before we took the lock (see ``_lock_and_transfer``).
 TRANSFER_SQL = """
 UPDATE workspaces_workspace w
    SET owner_id = %(owner)s, name = %(name)s, claimed_at = %(now)s, updated_at = %(now)s

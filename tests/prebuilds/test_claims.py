@@ -153,7 +153,7 @@ def test_the_lock_walks_the_pool_oldest_first_and_stops_at_the_first_eligible_on
         cursor.execute("DEALLOCATE lock_probe")
 
     def path_to_candidates(node, above=()):
-        """The node types from the top of the plan down to the candidates' scan."""
+        """The plan nodes from the top down to the candidates' scan (None if there is none)."""
         if node.get("Alias") == "candidate":
             return [*above, node]
         for child in node.get("Plans", ()):
