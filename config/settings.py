@@ -32,6 +32,15 @@ PREBUILDS_BACKOFF_LOOKBACK = timedelta(
     seconds=env.float_("PREBUILDS_BACKOFF_LOOKBACK", 3600, minimum=0)
 )
 PREBUILDS_FAILURE_HARD_LIMIT = env.int_("PREBUILDS_FAILURE_HARD_LIMIT", 3, minimum=0)
+# Bounds on prebuild pools (workspaces.pool_limits): the most prebuilt instances one preset may
+# ask for (its instances and each schedule's), and the most an organization's active presets
+# may ask for together. Template files, the admin and the dashboard all refuse more.
+PREBUILDS_MAX_INSTANCES_PER_PRESET = env.int_(
+    "PREBUILDS_MAX_INSTANCES_PER_PRESET", 100, minimum=0, maximum=2_147_483_647
+)
+PREBUILDS_MAX_INSTANCES_PER_ORGANIZATION = env.int_(
+    "PREBUILDS_MAX_INSTANCES_PER_ORGANIZATION", 500, minimum=0, maximum=2_147_483_647
+)
 # How often a worker running a job records a heartbeat, and how long without one before the
 # periodic sweep declares the worker lost and fails the job.
 PROVISIONER_HEARTBEAT_INTERVAL = env.float_("PROVISIONER_HEARTBEAT_INTERVAL", 2, minimum=0.1)
@@ -145,6 +154,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "config.nul_guard.NulGuardMiddleware",  # NUL in query, form or JSON: 400 (config/nul_guard.py)
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",

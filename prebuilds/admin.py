@@ -30,6 +30,7 @@ from prebuilds.services import (
     reconciliation_pause,
     reconciliation_run_now,
 )
+from workspaces.admin_forms import PoolAdminForm
 
 
 @admin.register(PrebuildsSettings)
@@ -133,7 +134,11 @@ class PrebuildPoolAdmin(admin.ModelAdmin):
 
     Only `desired_instances` is editable here (through the service, audited); everything else
     is shown for context and changed elsewhere (the template file, the workspaces admin).
+    The form refuses sizes above the bounds (``PREBUILDS_MAX_INSTANCES_PER_*``) naming the
+    field, before the service (which checks them again) is called.
     """
+
+    form = PoolAdminForm
 
     list_display = (
         "name",

@@ -4,30 +4,34 @@
 from __future__ import annotations
 
 from django import forms
+from django.conf import settings
 
 from workspaces.models import JobStatus, Template
 
-# An upper bound that no real pool reaches: it turns a typo ("30000") into a clear refusal
-# instead of thousands of workspaces queued by the next pass.
-MAX_DESIRED_INSTANCES = 1000
-
 
 class DesiredInstancesForm(forms.Form):
-    """The pool size of a preset; empty means "declares no prebuilds"."""
+    """The pool size of a preset; empty means "declares no prebuilds".
+
+    The upper bounds (per preset, per organization) are the service's to check
+    (``prebuilds.services.preset_set_desired_instances``), like every other entry point's;
+    the form only tells the browser the per-preset maximum.
+    """
 
     instances = forms.IntegerField(
         label="Desired instances",
         required=False,
         min_value=0,
-        max_value=MAX_DESIRED_INSTANCES,
         help_text="Empty: the preset keeps no prebuilds.",
         error_messages={
             "invalid": "Desired instances must be a whole number.",
             "min_value": "Desired instances must be 0 or more.",
-            "max_value": f"Desired instances must be at most {MAX_DESIRED_INSTANCES}.",
         },
         widget=forms.NumberInput(attrs={"inputmode": "numeric", "min": 0}),
     )
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["instances"].widget.attrs["max"] = settings.PREBUILDS_MAX_INSTANCES_PER_PRESET
 
 
 class PauseForm(forms.Form):

@@ -23,6 +23,7 @@ from workspaces.models import (
     TemplateVersionPreset,
     Transition,
 )
+from workspaces.pool_limits import PoolSizeError, pool_sizes_check, preset_pool_size
 
 
 class PrebuildsError(ValueError):
@@ -123,13 +124,29 @@ def preset_set_desired_instances(
 ) -> TemplateVersionPreset:
     """Set the pool size of the preset (None: the preset declares no prebuilds).
 
-    The next pass creates or deletes prebuilds to match.
+    The next pass creates or deletes prebuilds to match. Sizes above
+    ``PREBUILDS_MAX_INSTANCES_PER_PRESET``, or raising the organization's total above
+    ``PREBUILDS_MAX_INSTANCES_PER_ORGANIZATION``, are refused (``workspaces.pool_limits``).
     """
     preset = _require_preset(preset)
     if instances is not None and (
         not isinstance(instances, int) or isinstance(instances, bool) or instances < 0
     ):
         raise PrebuildsError("instances", f"must be an integer >= 0 or None (got {instances!r}).")
+    organization_id = (
+        TemplateVersionPreset.objects.filter(id=preset.id)
+        .values_list("template_version__template__organization_id", flat=True)
+        .get()
+    )
+    try:
+        pool_sizes_check(
+            organization_id=organization_id,
+            pools=[preset_pool_size(preset, instances=instances, instances_field="instances")],
+            total_field="instances",
+        )
+    except PoolSizeError as exc:
+        detail = "; ".join(m.removeprefix("instances: ") for m in exc.messages)
+        raise PrebuildsError("instances", detail) from None
     TemplateVersionPreset.objects.filter(id=preset.id).update(desired_instances=instances)
     preset.desired_instances = instances
     return preset

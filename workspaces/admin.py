@@ -15,6 +15,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from workspaces import jobs
+from workspaces.admin_forms import PresetAdminForm, ScheduleAdminForm, ScheduleForm, ScheduleFormSet
 from workspaces.models import (
     PresetSchedule,
     ProvisionerJob,
@@ -144,14 +145,18 @@ class TemplateVersionAdmin(ReadOnlyAdmin):
 
 class ScheduleInline(admin.TabularInline):
     model = PresetSchedule
+    form = ScheduleForm
+    formset = ScheduleFormSet
     extra = 0
 
 
 @admin.register(TemplateVersionPreset)
 class PresetAdmin(admin.ModelAdmin):
     """The parameters belong to the immutable version; the pool settings are operational (an
-    operator lifts a hard limit by setting the prebuild status back to healthy)."""
+    operator lifts a hard limit by setting the prebuild status back to healthy). Time zones,
+    crons and instance counts are checked as strictly as in a template file (``admin_forms``)."""
 
+    form = PresetAdminForm
     list_display = (
         "name",
         "template_version",
@@ -183,6 +188,7 @@ class PresetAdmin(admin.ModelAdmin):
 
 @admin.register(PresetSchedule)
 class PresetScheduleAdmin(admin.ModelAdmin):
+    form = ScheduleAdminForm
     list_display = ("preset", "position", "cron", "instances")
     list_select_related = ("preset", "preset__template_version__template")
     search_fields = ("preset__name", "cron")

@@ -83,6 +83,8 @@ def handles(scope: dict[str, Any]) -> bool:
         and scope["method"] == "POST"
         and scope["path"] == PATH
         and settings.CLAIM_FAST_PATH
+        # A NUL in the query string is Django's to refuse (config.nul_guard), as for any request.
+        and b"%00" not in scope.get("query_string", b"")
     )
 
 

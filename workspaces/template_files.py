@@ -166,6 +166,49 @@ def validate_document(document: dict[str, Any], *, base_dir: Path | None = None)
     return _Validator(base_dir).template(document)
 
 
+def timezone_problem(timezone: str) -> str | None:
+    """Why ``timezone`` cannot be a preset's time zone, or None ("" is fine: no zone).
+
+    The reconciler's own loader decides (``validate_schedules``), so a zone accepted here is
+    one the reconciler can use. The admin calls this too, to be exactly as strict.
+    """
+    if not timezone:
+        return None
+    if "\0" in timezone:
+        return "must not contain NUL characters"
+    if len(timezone) > MAX_TIMEZONE_LENGTH:
+        return f"must be at most {MAX_TIMEZONE_LENGTH} characters (got {len(timezone)})"
+    # Without schedules it checks only the name.
+    problem = validate_schedules(timezone, ())
+    return None if problem is None else f'{problem} (use an IANA name, e.g. "UTC")'
+
+
+def cron_problem(cron: str) -> str | None:
+    """Why ``cron`` cannot be a schedule's cron, or None (DESIGN.md §4 rule 4: five fields,
+    the minute field ``*``; the reconciler's own parser decides). The admin calls this too."""
+    if "\0" in cron:
+        return "must not contain NUL characters"
+    if len(cron) > MAX_CRON_LENGTH:
+        return f"must be at most {MAX_CRON_LENGTH} characters (got {len(cron)})"
+    # Any valid zone will do: the cron rules do not depend on it.
+    problem = validate_schedules("UTC", (PrebuildSchedule(cron=cron, instances=0),))
+    return None if problem is None else problem.removeprefix("schedule 1: ")
+
+
+def schedule_overlaps(crons: Sequence[str]) -> list[tuple[int, int]]:
+    """``(later, earlier)`` index pairs of ``crons`` (each valid) that overlap, every pair.
+
+    The reconciler treats overlapping schedules as no schedules at all, so they are refused.
+    """
+    schedules = [PrebuildSchedule(cron=cron, instances=0) for cron in crons]
+    return [
+        (later, earlier)
+        for later in range(len(schedules))
+        for earlier in range(later)
+        if validate_schedules("UTC", (schedules[earlier], schedules[later])) is not None
+    ]
+
+
 def _describe(value: Any) -> str:
     """A value as the file author wrote it, short enough for an error message."""
     if isinstance(value, bool):
@@ -502,10 +545,9 @@ class _Validator:
     def timezone(self, table: dict[str, Any], path: str) -> str | None:
         timezone = self.string(table, "timezone", path, max_length=MAX_TIMEZONE_LENGTH)
         if timezone:
-            # Same loader as the reconciler: without schedules it checks only the name.
-            problem = validate_schedules(timezone, ())
+            problem = timezone_problem(timezone)
             if problem is not None:
-                self.error(f"{path}.timezone", f'{problem} (use an IANA name, e.g. "UTC")')
+                self.error(f"{path}.timezone", problem)
                 return None
         return timezone
 
@@ -521,21 +563,20 @@ class _Validator:
                 instances = self.whole_number(table["instances"], f"{item_path}.instances")
             if cron is None or instances is None:
                 continue
-            schedule = PrebuildSchedule(cron=cron, instances=instances)
-            # Any valid zone will do: the cron rules do not depend on it.
-            problem = validate_schedules("UTC", (schedule,))
+            problem = cron_problem(cron)
             if problem is not None:
-                self.error(f"{item_path}.cron", problem.removeprefix("schedule 1: "))
+                self.error(f"{item_path}.cron", problem)
                 continue
-            schedules.append((index, schedule))
-        # Overlap pair by pair (not just the first pair), so every clash is reported. The
-        # reconciler treats overlapping schedules as no schedules at all, so they are refused.
-        for later, (later_index, later_schedule) in enumerate(schedules):
-            for earlier_index, earlier_schedule in schedules[:later]:
-                if validate_schedules("UTC", (earlier_schedule, later_schedule)) is not None:
-                    self.error(
-                        f"{path}[{later_index}].cron",
-                        f"{later_schedule.cron!r} overlaps {path}[{earlier_index}] "
-                        f"({earlier_schedule.cron!r}); schedules must not overlap",
-                    )
+            schedules.append((index, PrebuildSchedule(cron=cron, instances=instances)))
+        # Overlap pair by pair (not just the first pair), so every clash is reported.
+        for later, earlier in schedule_overlaps([schedule.cron for _, schedule in schedules]):
+            (later_index, later_schedule), (earlier_index, earlier_schedule) = (
+                schedules[later],
+                schedules[earlier],
+            )
+            self.error(
+                f"{path}[{later_index}].cron",
+                f"{later_schedule.cron!r} overlaps {path}[{earlier_index}] "
+                f"({earlier_schedule.cron!r}); schedules must not overlap",
+            )
         return tuple(schedule for _, schedule in schedules)

@@ -14,6 +14,7 @@ from workspaces.models import (
     TemplateVersion,
     TemplateVersionPreset,
 )
+from workspaces.pool_limits import PoolSize, pool_sizes_check, pool_sizes_lock
 from workspaces.template_files import TemplateSpec
 
 # The partial unique index on (organization, name) among live templates (workspaces/models.py).
@@ -53,11 +54,24 @@ def template_push(
       ``ttl_seconds`` (None when absent or 0: both mean "never expires") and the schedules in
       file order (``position`` 0, 1, …), so the reconciler's first-match rule follows the file.
 
-    ``spec`` must come from ``workspaces.template_files`` (already validated); nothing is
+    - Bounded: the presets' instance counts are checked by ``pool_limits.pool_sizes_check``
+      (per preset, and the organization total when the version is activated) before anything
+      is written; a refusal raises ``PoolSizeError`` naming the fields
+      (``presets[0].prebuilds.instances``) and writes nothing.
+
+    ``spec`` must come from ``workspaces.template_files`` (already validated); nothing else is
     re-validated here.
     """
     with transaction.atomic():
+        # The organization before the template: the lock order of every pool-size writer.
+        pool_sizes_lock(organization_id=organization.id)
         template = _template_lock_or_create(organization=organization, name=spec.name)
+        pool_sizes_check(
+            organization_id=organization.id,
+            pools=_pool_sizes(spec),
+            total_field="presets",
+            activates_template_id=template.id if activate else None,
+        )
         latest = template.versions.aggregate(latest=Max("number"))["latest"] or 0
         number = latest + 1
         provisioner_config = (
@@ -120,6 +134,26 @@ def _template_lock_or_create(*, organization: Organization, name: str) -> Templa
 def _constraint_name(exc: IntegrityError) -> str | None:
     diag = getattr(exc.__cause__, "diag", None)
     return getattr(diag, "constraint_name", None)
+
+
+def _pool_sizes(spec: TemplateSpec) -> list[PoolSize]:
+    """The presets' pools, their fields named as in the file."""
+    pools = []
+    for index, preset in enumerate(spec.presets):
+        if preset.prebuilds is None:
+            continue
+        path = f"presets[{index}].prebuilds"
+        pools.append(
+            PoolSize(
+                instances=preset.prebuilds.instances,
+                instances_field=f"{path}.instances",
+                schedules=tuple(
+                    (f"{path}.schedule[{position}].instances", schedule.instances)
+                    for position, schedule in enumerate(preset.prebuilds.schedules)
+                ),
+            )
+        )
+    return pools
 
 
 def _presets_create(*, version: TemplateVersion, spec: TemplateSpec) -> None:

@@ -561,7 +561,11 @@ def test_it_clears_desired_instances_when_empty(staff_client, preset):
     [
         ("-1", "Desired instances must be 0 or more."),
         ("abc", "Desired instances must be a whole number."),
-        ("100000", "Desired instances must be at most 1000."),
+        (
+            "100000",
+            "Desired instances: 100000 is above the maximum of 100 "
+            "(PREBUILDS_MAX_INSTANCES_PER_PRESET)",
+        ),
     ],
 )
 def test_it_refuses_bad_desired_instances_naming_the_field(staff_client, preset, value, message):

@@ -2,7 +2,8 @@
 
 Prints the id of the new template version and nothing else, so scripts can capture it. Any
 problem (unreadable file, invalid TOML, invalid template, unknown organization) is reported all
-at once as a ``CommandError`` (exit status 1) and nothing is written.
+at once as a ``CommandError`` (exit status 1) and nothing is written; so are instance counts
+above ``PREBUILDS_MAX_INSTANCES_PER_PRESET`` / ``_PER_ORGANIZATION``, once the file is valid.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand, CommandError
 
 from accounts.models import DEFAULT_ORGANIZATION_SLUG, Organization
+from workspaces.pool_limits import PoolSizeError
 from workspaces.template_files import TemplateFileError, read_template_file
 from workspaces.template_services import template_push
 
@@ -45,12 +47,17 @@ class Command(BaseCommand):
         if found is None:
             problems.append(f"--organization: no organization with slug {organization!r}")
         if problems:
-            count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
-            raise CommandError(
-                f"{path}: not pushed, {count}:\n" + "\n".join(f"  {p}" for p in problems)
-            )
+            raise _not_pushed(path, problems)
         assert spec is not None and source is not None and found is not None
-        version = template_push(
-            organization=found, spec=spec, source=source, activate=not no_activate
-        )
+        try:
+            version = template_push(
+                organization=found, spec=spec, source=source, activate=not no_activate
+            )
+        except PoolSizeError as exc:  # too many instances: nothing was written
+            raise _not_pushed(path, exc.messages) from None
         self.stdout.write(str(version.id))
+
+
+def _not_pushed(path: str, problems: list[str]) -> CommandError:
+    count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+    return CommandError(f"{path}: not pushed, {count}:\n" + "\n".join(f"  {p}" for p in problems))
