@@ -14,7 +14,7 @@ from tests.workspaces.factories import (
     WorkspaceFactory,
     prebuild,
 )
-from workspaces.models import JobStatus, PresetSchedule
+from workspaces.models import JobStatus, PresetSchedule, TemplateVersionPreset
 
 pytestmark = pytest.mark.django_db
 
@@ -269,3 +269,143 @@ def test_forget_worker_host_needs_the_change_permission(client, rows):
     workspace.refresh_from_db()
     assert "forget_host" not in page
     assert workspace.host_queue == "host.elsewhere"
+
+
+# --- bounds and schedules: as strict as a template file ----------------------------------------
+
+
+def _preset_form(preset, **changes) -> dict:
+    """The preset's change form as the admin posts it, with one schedule row and ``changes``."""
+    schedule = preset.schedules.get()
+    form = {
+        "desired_instances": str(preset.desired_instances),
+        "invalidate_after": "",
+        "scheduling_timezone": "UTC",
+        "last_invalidated_at_0": "",
+        "last_invalidated_at_1": "",
+        "prebuild_status": "healthy",
+        "prebuild_status_reason": "",
+        "schedules-TOTAL_FORMS": "1",
+        "schedules-INITIAL_FORMS": "1",
+        "schedules-0-id": str(schedule.id),
+        "schedules-0-preset": str(preset.id),
+        "schedules-0-position": "0",
+        "schedules-0-cron": schedule.cron,
+        "schedules-0-instances": str(schedule.instances),
+    }
+    form.update(changes)
+    return form
+
+
+def _pool_rows(preset) -> tuple:
+    preset.refresh_from_db()
+    return (
+        preset.desired_instances,
+        preset.scheduling_timezone,
+        list(preset.schedules.values_list("position", "cron", "instances")),
+    )
+
+
+def _refused(client, url: str, form: dict, preset) -> str:
+    """Post ``form``; assert the admin showed it again (200) and changed nothing."""
+    from html import unescape
+
+    before = _pool_rows(preset)
+    response = client.post(url, form)
+    assert response.status_code == 200, response.status_code
+    assert _pool_rows(preset) == before
+    return unescape(response.content.decode())
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"desired_instances": "50000"},
+            "desired_instances: 50000 is above the maximum of 100 "
+            "(PREBUILDS_MAX_INSTANCES_PER_PRESET)",
+        ),
+        (
+            {"scheduling_timezone": "Mars/Olympus"},
+            "scheduling_timezone: unknown timezone 'Mars/Olympus' (use an IANA name",
+        ),
+        ({"schedules-0-cron": "garbage cron"}, "cron: cron must have 5 fields (got 2)"),
+        ({"schedules-0-cron": "0 9 * * *"}, "cron: minute field must be '*' (got '0')"),
+        (
+            {"schedules-0-instances": "50000"},
+            "instances: 50000 is above the maximum of 100 (PREBUILDS_MAX_INSTANCES_PER_PRESET)",
+        ),
+        (
+            {"scheduling_timezone": ""},
+            'scheduling_timezone: required when schedules are given (an IANA name, e.g. "UTC")',
+        ),
+        (
+            {
+                "schedules-TOTAL_FORMS": "2",
+                "schedules-1-preset": "",
+                "schedules-1-position": "1",
+                "schedules-1-cron": "* 12 * * *",
+                "schedules-1-instances": "1",
+            },
+            "schedules[1].cron: '* 12 * * *' overlaps schedules[0] ('* 9-17 * * 1-5'); "
+            "schedules must not overlap",
+        ),
+    ],
+)
+def test_the_preset_form_refuses_what_a_template_file_refuses(staff_client, rows, changes, message):
+    preset = rows["preset"]
+    url = f"/admin/workspaces/templateversionpreset/{preset.id}/change/"
+    preset_form = _preset_form(preset, **changes)
+    if "schedules-1-preset" in changes:
+        preset_form["schedules-1-preset"] = str(preset.id)
+
+    body = _refused(staff_client, url, preset_form, preset)
+
+    assert message in body
+
+
+def test_the_preset_form_refuses_raising_the_organization_total(staff_client, rows, settings):
+    settings.PREBUILDS_MAX_INSTANCES_PER_ORGANIZATION = 30
+    PresetFactory(desired_instances=25)
+    preset = rows["preset"]  # peak 2 (its schedule): 27 in all
+    url = f"/admin/workspaces/templateversionpreset/{preset.id}/change/"
+
+    body = _refused(
+        staff_client, url, _preset_form(preset, **{"schedules-0-instances": "6"}), preset
+    )
+    accepted = staff_client.post(url, _preset_form(preset, desired_instances="5"))
+
+    assert (
+        "desired_instances: the organization's prebuilt instances would total 31 (now 27), "
+        "above the maximum of 30 (PREBUILDS_MAX_INSTANCES_PER_ORGANIZATION)"
+    ) in body
+    assert accepted.status_code == 302
+    assert _pool_rows(preset)[0] == 5
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"cron": "garbage cron"}, "cron: cron must have 5 fields (got 2)"),
+        ({"instances": "50000"}, "instances: 50000 is above the maximum of 100"),
+    ],
+)
+def test_the_schedule_form_refuses_bad_crons_and_instances(staff_client, rows, changes, message):
+    preset = rows["preset"]
+    schedule = preset.schedules.get()
+    url = f"/admin/workspaces/presetschedule/{schedule.id}/change/"
+    form = {"preset": str(preset.id), "position": "0", "cron": schedule.cron, "instances": "2"}
+
+    body = _refused(staff_client, url, {**form, **changes}, preset)
+
+    assert message in body
+
+
+def test_a_schedule_added_on_its_own_is_checked_with_its_presets_others(staff_client, rows):
+    preset = rows["preset"]
+    TemplateVersionPreset.objects.filter(id=preset.id).update(scheduling_timezone="UTC")
+    form = {"preset": str(preset.id), "position": "1", "cron": "* 10 * * 1", "instances": "1"}
+
+    body = _refused(staff_client, "/admin/workspaces/presetschedule/add/", form, preset)
+
+    assert "overlaps schedules[0] ('* 9-17 * * 1-5'); schedules must not overlap" in body

@@ -356,3 +356,65 @@ def test_concurrent_pushes_of_an_existing_template_get_distinct_versions():
     assert outcomes == ["ok"] * 6
     numbers = sorted(Template.objects.get().versions.values_list("number", flat=True))
     assert numbers == [1, 2, 3, 4, 5, 6, 7]
+
+
+# --- bounds (PREBUILDS_MAX_INSTANCES_PER_PRESET / _PER_ORGANIZATION) ---------------------------
+
+
+def test_it_refuses_oversized_instances_naming_each_field_and_writes_nothing(tmp_path):
+    push(str(write(tmp_path)))  # the template and its active version stay as they are
+    oversized = TEMPLATE.replace("instances = 3", "instances = 1000000000").replace(
+        "instances = 5", "instances = 101"
+    )
+
+    message = refused(str(write(tmp_path, oversized)))
+
+    assert message.endswith(
+        "not pushed, 2 problems:\n"
+        "  presets[0].prebuilds.instances: 1000000000 is above the maximum of 100 "
+        "(PREBUILDS_MAX_INSTANCES_PER_PRESET)\n"
+        "  presets[0].prebuilds.schedule[0].instances: 101 is above the maximum of 100 "
+        "(PREBUILDS_MAX_INSTANCES_PER_PRESET)"
+    )
+    assert Template.objects.get().active_version.number == 1
+
+
+def test_the_per_preset_maximum_holds_without_activation_too(tmp_path):
+    oversized = TEMPLATE.replace("instances = 3", "instances = 1000000000")
+
+    message = refused(str(write(tmp_path, oversized)), "--no-activate")
+
+    assert "presets[0].prebuilds.instances: 1000000000 is above the maximum of 100" in message
+
+
+def test_it_refuses_a_push_raising_the_organization_total_above_its_maximum(tmp_path, settings):
+    settings.PREBUILDS_MAX_INSTANCES_PER_ORGANIZATION = 12
+    other = TEMPLATE.replace('name = "python-dev"', 'name = "other"')
+    push(str(write(tmp_path, other, "other.toml")))  # peak 5 (its weekday schedule)
+    push(str(write(tmp_path)))  # 5 + 5 = 10
+    bigger = TEMPLATE.replace("instances = 5", "instances = 8")
+
+    message = refused(str(write(tmp_path, bigger)))
+
+    assert message.endswith(
+        "  presets: the organization's prebuilt instances would total 13 (now 10), above the "
+        "maximum of 12 (PREBUILDS_MAX_INSTANCES_PER_ORGANIZATION)"
+    )
+    # The new version replaces the active one's count (not added to it): 5 + 7 fits.
+    push(str(write(tmp_path, TEMPLATE.replace("instances = 5", "instances = 7"))))
+    # Without activation the version counts for nothing yet, so it is stored.
+    push(str(write(tmp_path, bigger)), "--no-activate")
+    assert Template.objects.get(name="python-dev").active_version.number == 2
+
+
+def test_template_push_itself_refuses_oversized_instances():
+    # The service enforces the bounds, whoever calls it (the command, the benchmarks, an API).
+    from workspaces.pool_limits import PoolSizeError
+
+    spec = parse_template(TEMPLATE.replace("instances = 3", "instances = 1000000000"))
+    before = row_counts()
+
+    with pytest.raises(PoolSizeError):
+        template_push(organization=organization_default(), spec=spec, source="")
+
+    assert row_counts() == before
