@@ -504,3 +504,175 @@ def test_push_template_accepts_the_valid_template(tmp_path):
     call_command("push_template", str(path))
 
     assert _template_rows() == (before[0] + 1, before[1] + 1, before[2] + 1)
+
+
+# --- NUL characters: text PostgreSQL cannot store is a 400 everywhere (config.nul_guard) -------
+
+
+@pytest.fixture
+def staff_client(world):
+    client = Client(raise_request_exception=False)
+    client.force_login(UserFactory(is_staff=True))
+    return client
+
+
+def assert_plain_400(response) -> None:
+    assert response.status_code == 400, response.content[:300]
+    assert response["Content-Type"].startswith("text/plain")
+    assert b"NUL character" in response.content
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/workspaces/?owner=%00",  # issue 12, observation 7: was a 500
+        "/workspaces/?owner=dev%00&prebuilds=1",
+        "/workspaces/?%00=1",
+        "/prebuilds/workspaces/?owner=%00",
+        "/prebuilds/?page=%00",
+    ],
+)
+def test_a_nul_in_a_pages_query_string_is_a_plain_400(staff_client, url):
+    assert_plain_400(staff_client.get(url))
+
+
+def test_a_nul_in_a_form_post_is_a_plain_400_and_changes_nothing(staff_client, world):
+    preset = world["preset"]
+    before = snapshot()
+
+    new = staff_client.post("/workspaces/new", {"name": "dev\x00", "template": "x"})
+    size = staff_client.post(
+        f"/prebuilds/presets/{preset.id}/desired-instances", {"instances": "1\x00"}
+    )
+
+    for response in (new, size):
+        assert_plain_400(response)
+    assert snapshot() == before
+    assert TemplateVersionPreset.objects.get(id=preset.id).desired_instances is None
+
+
+def test_a_nul_in_a_multipart_form_field_is_a_plain_400(staff_client, world):
+    preset = world["preset"]
+    body = (
+        b'--BoUnDaRy\r\nContent-Disposition: form-data; name="instances"\r\n\r\n'
+        b"2\x00\r\n--BoUnDaRy--\r\n"
+    )
+
+    response = staff_client.generic(
+        "POST",
+        f"/prebuilds/presets/{preset.id}/desired-instances",
+        data=body,
+        content_type="multipart/form-data; boundary=BoUnDaRy",
+    )
+
+    assert_plain_400(response)
+    assert TemplateVersionPreset.objects.get(id=preset.id).desired_instances is None
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "caller", "body"),
+    [
+        ("POST", "/api/v2/workspaces", "member", {"name": "dev\x00", "template_id": "{template}"}),
+        ("POST", "/api/v2/workspaces", "member", {"name": "dev", "template_id\x00": "x"}),
+        ("POST", "/api/v2/workspaces/{workspace}/builds", "member", {"transition": "stop\x00"}),
+        ("PUT", "/api/v2/prebuilds/settings", "staff", {"reconciliation_paused": ["\x00"]}),
+        ("POST", "/api/v2/workspaceagents/me/lifecycle", "agent", {"state": "ready\x00"}),
+    ],
+)
+def test_a_nul_in_a_json_body_is_a_json_400_and_changes_nothing(
+    api, world, method, url, caller, body
+):
+    preset = world["preset"]
+    url = url.format(workspace=world["workspace"].id)
+    body = json.loads(
+        json.dumps(body).replace("{template}", str(preset.template_version.template_id))
+    )
+    before = snapshot()
+
+    response = _send(api, method, url, _encoded(body), "application/json", world[caller])
+
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": "bad_request",
+        "detail": "The JSON body contains a NUL character (\\x00), which cannot be stored.",
+    }
+    assert snapshot() == before
+
+
+@pytest.mark.parametrize(
+    ("url", "caller"),
+    [
+        ("/api/v2/workspaces/{workspace}?x=%00", "member"),
+        ("/api/v2/templates?q=%00", "member"),
+        ("/api/v2/prebuilds/status?%00", "staff"),
+    ],
+)
+def test_a_nul_in_an_api_query_string_is_a_json_400(api, world, url, caller):
+    url = url.format(workspace=world["workspace"].id)
+
+    response = api.get(url, HTTP_AUTHORIZATION=world[caller])
+
+    assert response.status_code == 400
+    assert response.json()["error"] == "bad_request"
+
+
+def test_an_escaped_backslash_before_u0000_is_not_a_nul(api, world):
+    # The JSON text "\\u0000" is a backslash and "u0000": storable, so the view decides.
+    body = b'{"transition": "\\\\u0000"}'
+    url = f"/api/v2/workspaces/{world['workspace'].id}/builds"
+
+    response = _send(api, "POST", url, body, "application/json", world["member"])
+
+    assert response.status_code == 400
+    assert response.json()["error"] != "bad_request"
+
+
+def _asgi_send(method: str, url: str, token: str, body: Any = None):
+    """One request through ``config.asgi.application`` (the served entry point)."""
+    import asyncio
+
+    import httpx
+
+    from config.asgi import application
+
+    async def run():
+        transport = httpx.ASGITransport(app=application, client=("127.0.0.1", 40000))
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
+                return await http.request(method, url, json=body, headers={"Authorization": token})
+        finally:
+            await application.claim.aclose()
+
+    return asyncio.run(run())
+
+
+def test_an_async_view_refuses_a_nul_too(world):
+    # The agents' reinit is an async view: the middleware's async branch answers it.
+    response = _asgi_send("GET", "/api/v2/workspaceagents/me/reinit?wait=%00", world["agent"])
+
+    assert response.status_code == 400
+    assert response.json()["error"] == "bad_request"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_claims_fast_path_leaves_a_nul_query_to_django():
+    # The fast path would serve this claim (a fresh token, a ready prebuild) if it looked only
+    # at the body; it hands the request to Django, which refuses it like any other.
+    from django.utils import timezone
+
+    from accounts.models import ApiToken
+    from tests.workspaces.factories import prebuild
+
+    preset = PresetFactory()
+    pool = prebuild(preset)
+    user = UserFactory()
+    token = api_token_create(user=user)
+    ApiToken.objects.filter(user=user).update(last_used_at=timezone.now())
+    body = {"name": "dev", "template_version_preset_id": str(preset.id)}
+
+    response = _asgi_send("POST", "/api/v2/workspaces?x=%00", f"Bearer {token}", body)
+
+    assert response.status_code == 400
+    assert response.json()["error"] == "bad_request"
+    assert Workspace.objects.get(id=pool.id).owner_id != user.id
+    assert PrebuildClaim.objects.count() == 0
