@@ -15,7 +15,13 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from workspaces import jobs
-from workspaces.admin_forms import PresetAdminForm, ScheduleAdminForm, ScheduleForm, ScheduleFormSet
+from workspaces.admin_forms import (
+    PresetAdminForm,
+    ScheduleAdminForm,
+    ScheduleForm,
+    ScheduleFormSet,
+    TemplateAdminForm,
+)
 from workspaces.models import (
     PresetSchedule,
     ProvisionerJob,
@@ -96,8 +102,10 @@ class VersionInline(ReadOnlyInline):
 @admin.register(Template)
 class TemplateAdmin(admin.ModelAdmin):
     """Templates come from ``push_template``; here an operator switches the active version,
-    deprecates or (soft-)deletes a template."""
+    deprecates or (soft-)deletes a template. A switch that would raise the organization's
+    prebuilt instances above their maximum is refused (``admin_forms.TemplateAdminForm``)."""
 
+    form = TemplateAdminForm
     list_display = (
         "name",
         "display_name",

@@ -173,3 +173,42 @@ class ScheduleAdminForm(ScheduleForm):
         )
         _check(preset, pool, "instances")
         return cleaned
+
+
+class TemplateAdminForm(forms.ModelForm):
+    """A template's active version and flags. Switching the active version, or bringing a
+    deleted template back, makes other presets count in the organization's total: checked."""
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        if self.errors or not ({"active_version", "deleted"} & set(self.changed_data)):
+            return cleaned
+        version = cleaned.get("active_version")
+        if version is None or cleaned.get("deleted"):
+            return cleaned  # nothing of this template counts any more: the total only drops
+        pools = []
+        rows = version.presets.order_by("name").values_list("name", "desired_instances", "id")
+        for name, instances, preset_id in rows:
+            schedule_counts = PresetSchedule.objects.filter(preset_id=preset_id).order_by(
+                "position"
+            )
+            pools.append(
+                PoolSize(
+                    instances=instances,
+                    instances_field=f"active_version: preset {name!r}",
+                    schedules=tuple(
+                        (f"active_version: preset {name!r} schedule {position}", count)
+                        for position, count in schedule_counts.values_list("position", "instances")
+                    ),
+                )
+            )
+        try:
+            pool_sizes_check(
+                organization_id=self.instance.organization_id,
+                pools=pools,
+                total_field="active_version",
+                activates_template_id=self.instance.id,
+            )
+        except PoolSizeError as exc:
+            self.add_error("active_version", exc.messages)
+        return cleaned

@@ -11,6 +11,7 @@ from tests.workspaces.factories import (
     BuildFactory,
     PresetFactory,
     TemplateFactory,
+    TemplateVersionFactory,
     WorkspaceFactory,
     prebuild,
 )
@@ -409,3 +410,40 @@ def test_a_schedule_added_on_its_own_is_checked_with_its_presets_others(staff_cl
     body = _refused(staff_client, "/admin/workspaces/presetschedule/add/", form, preset)
 
     assert "overlaps schedules[0] ('* 9-17 * * 1-5'); schedules must not overlap" in body
+
+
+def test_switching_the_active_version_cannot_raise_the_organization_total(staff_client, settings):
+    from html import unescape
+
+    settings.PREBUILDS_MAX_INSTANCES_PER_ORGANIZATION = 30
+    PresetFactory(desired_instances=25)
+    template = TemplateFactory()
+    PresetFactory(template_version=template.active_version, desired_instances=1)  # 26 in all
+    v1 = template.active_version
+    bigger = TemplateVersionFactory(template=template)
+    PresetFactory(template_version=bigger, name="standard", desired_instances=6)
+    url = f"/admin/workspaces/template/{template.id}/change/"
+    form = {
+        "display_name": template.display_name,
+        "active_version": str(bigger.id),
+        "versions-TOTAL_FORMS": "0",  # the read-only inline of versions
+        "versions-INITIAL_FORMS": "0",
+    }
+
+    refused = staff_client.post(url, form)
+    deleted = staff_client.post(url, {**form, "deleted": "on"})  # counts nothing: accepted
+
+    assert refused.status_code == 200
+    assert (
+        "active_version: the organization's prebuilt instances would total 31 (now 26), above "
+        "the maximum of 30 (PREBUILDS_MAX_INSTANCES_PER_ORGANIZATION)"
+    ) in unescape(refused.content.decode())
+    assert deleted.status_code == 302
+    template.refresh_from_db()
+    assert (template.active_version, template.deleted) == (bigger, True)
+    # Bringing it back would count the bigger version: refused the same way.
+    back = staff_client.post(url, form)
+    assert back.status_code == 200
+    template.refresh_from_db()
+    assert template.deleted is True
+    assert v1 != bigger
