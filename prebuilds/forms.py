@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from django import forms
-from django.conf import settings
 
 from workspaces.models import JobStatus, Template
 
@@ -13,8 +12,7 @@ class DesiredInstancesForm(forms.Form):
     """The pool size of a preset; empty means "declares no prebuilds".
 
     The upper bounds (per preset, per organization) are the service's to check
-    (``prebuilds.services.preset_set_desired_instances``), like every other entry point's;
-    the form only tells the browser the per-preset maximum.
+    (``prebuilds.services.preset_set_desired_instances``), as for every other entry point.
     """
 
     instances = forms.IntegerField(
@@ -28,10 +26,6 @@ class DesiredInstancesForm(forms.Form):
         },
         widget=forms.NumberInput(attrs={"inputmode": "numeric", "min": 0}),
     )
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.fields["instances"].widget.attrs["max"] = settings.PREBUILDS_MAX_INSTANCES_PER_PRESET
 
 
 class PauseForm(forms.Form):
