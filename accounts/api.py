@@ -41,8 +41,7 @@ def rate_limited_response(exc: ratelimit.RateLimited) -> JsonResponse:
     response = error_response(
         429,
         "rate_limited",
-        "Too many failed authentication attempts with this credential; "
-        f"try again in {exc.retry_after} seconds.",
+        f"Too many failed authentication attempts; try again in {exc.retry_after} seconds.",
     )
     response["Retry-After"] = str(exc.retry_after)
     return response
