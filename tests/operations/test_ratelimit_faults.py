@@ -1,4 +1,5 @@
-"""Bad credentials sent from the agents' own address, against real processes (issue 12, obs. 3).
+"""The rate limiter against real processes: bad credentials sent from the agents' own address
+(issue 12, observation 3) and the limiter's Redis killed (observation 4).
 
 Any process on a worker host (a workspace's startup script) reaches the control plane from the
 same address as that host's agents, and users of one office share an address too. Failures of
@@ -7,12 +8,14 @@ such neighbours must never refuse a valid credential (``accounts.ratelimit``).
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import httpx
 import pytest
 
-from tests.operations.cluster import Cluster, wait_until
+from tests.operations.cluster import Cluster, pid_alive, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -109,3 +112,51 @@ def claim_and_wait_for_reinit(
         diagnose=cluster.diagnose,
     )
     return time.monotonic() - started
+
+
+def test_the_rate_limiters_redis_killed_fails_open_logs_once_and_recovers(cluster: Cluster):
+    """Expectation: SIGKILL the Redis holding the limiter's counters (the broker's). While it is
+    gone, authenticated requests are answered as without a limiter (a valid token 200, wrong
+    secrets 401 however many: nothing is counted), and the web log has ONE
+    ``ratelimit_cache_unavailable`` line and no traceback, however many requests. Redis started
+    again on the same socket: within 5 s the log says ``ratelimit_cache_back`` and the limiter
+    counts again (the 11th wrong secret for one key id within the window is a 429).
+    """
+    cluster.overrides.update(LIMITS)
+    setup = cluster.setup(users=1)
+    web = cluster.web("web1")
+    token = setup.users[0]["token"]
+    prefix, key_id, _ = token.split("_", 2)
+    good = {"Authorization": f"Bearer {token}"}
+    wrong = {"Authorization": f"Bearer {prefix}_{key_id}_{'x' * 43}"}
+
+    with httpx.Client(base_url=web.url, timeout=30) as http:
+        assert http.get("/api/v2/users/me", headers=good).status_code == 200
+        pid = cluster.redis.server_pid()
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not pid_alive(pid), 10, what="redis-server to die")
+
+        during = [http.get("/api/v2/users/me", headers=wrong).status_code for _ in range(30)]
+        during += [http.get("/api/v2/users/me", headers=good).status_code for _ in range(10)]
+        assert during == [401] * 30 + [200] * 10
+        log = web.log()
+        assert log.count("ratelimit_cache_unavailable") == 1, web.tail(40)
+        assert "Traceback" not in log, web.tail(40)
+
+        cluster.redis.start()
+        started = time.monotonic()
+        wait_until(
+            lambda: (
+                http.get("/api/v2/users/me", headers=good).status_code == 200
+                and "ratelimit_cache_back" in web.log()
+            ),
+            5,
+            interval=0.1,
+            what="the limiter to use Redis again",
+            diagnose=web.tail,
+        )
+        print(f"limiter back {time.monotonic() - started:.2f} s after Redis answered")
+        after = [http.get("/api/v2/users/me", headers=wrong).status_code for _ in range(11)]
+    assert after == [401] * 10 + [429]
+    assert "Traceback" not in web.log(), web.tail(40)
