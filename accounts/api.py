@@ -41,21 +41,29 @@ def rate_limited_response(exc: ratelimit.RateLimited) -> JsonResponse:
     response = error_response(
         429,
         "rate_limited",
-        "Too many failed authentication attempts from your address; "
-        f"try again in {exc.retry_after} seconds.",
+        f"Too many failed authentication attempts; try again in {exc.retry_after} seconds.",
     )
     response["Retry-After"] = str(exc.retry_after)
     return response
 
 
-def api_token_issued(request: HttpRequest) -> bool:
-    """True when the request's bearer token is one we issued (even if revoked): not a guess."""
+def api_token_hashes(key_id: str) -> list[str]:
+    """Secret hashes of the API tokens issued under ``key_id``, revoked ones included (for the
+    rate limiter: none means an unknown key id, a match a real token that is not a guess)."""
+    return list(ApiToken.objects.filter(key_id=key_id).values_list("secret_hash", flat=True))
+
+
+def api_token_attempt(request: HttpRequest):
+    """``authenticate`` behind the failure limits of API tokens (accounts.ratelimit): raises
+    ``RateLimited`` for a blocked key id (or a malformed token from a blocked address)."""
     token = tokens.bearer(request.headers.get("Authorization"))
-    parts = tokens.split(token, API_TOKEN_PREFIX) if token else None
-    if parts is None:
-        return False
-    hashes = ApiToken.objects.filter(key_id=parts[0]).values_list("secret_hash", flat=True)
-    return any(tokens.secret_matches(parts[1], secret_hash) for secret_hash in hashes)
+    return ratelimit.token_attempt(
+        request,
+        ratelimit.API_TOKEN,
+        tokens.split(token, API_TOKEN_PREFIX) if token else None,
+        lambda: authenticate(request),
+        hashes=api_token_hashes,
+    )
 
 
 def authenticate(request: HttpRequest):
@@ -118,13 +126,8 @@ def api_view(
             if request.method not in methods:
                 return method_not_allowed(methods)
             try:
-                # Counted per client; a blocked client's token is not even looked at.
-                user = ratelimit.token_attempt(
-                    request,
-                    ratelimit.API_TOKEN,
-                    lambda: authenticate(request),
-                    issued=lambda: api_token_issued(request),
-                )
+                # Counted per key id; a blocked key id's secret is not even looked at.
+                user = api_token_attempt(request)
             except ratelimit.RateLimited as exc:
                 return rate_limited_response(exc)
             if user is None:

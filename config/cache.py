@@ -44,7 +44,12 @@ class RedisCache(DjangoRedisCache):
     def __init__(self, server: str, params: dict[str, Any]) -> None:
         super().__init__(server, params)
         self._class = ReusingRedisCacheClient
-        self._async_clients = PerLoop(lambda: redis.asyncio.Redis.from_url(self._servers[0]))
+        # The sync pool's socket timeouts apply to the async client too (the other OPTIONS
+        # name sync classes).
+        timeouts = {k: v for k, v in self._options.items() if k.startswith("socket_")}
+        self._async_clients = PerLoop(
+            lambda: redis.asyncio.Redis.from_url(self._servers[0], **timeouts)
+        )
 
     async def aget_many(self, keys: Iterable[str], version: int | None = None) -> dict[str, Any]:
         """``get_many`` without leaving the event loop (same keys, same decoded values)."""

@@ -51,11 +51,15 @@ PROVISIONER_HOST_QUEUE_TIMEOUT = env.float_("PROVISIONER_HOST_QUEUE_TIMEOUT", 60
 # How long a start build waits for its agents to report ready (their startup scripts); a
 # start_error or this timeout fails the build. 0: builds do not wait for agents.
 PROVISIONER_AGENT_READY_TIMEOUT = env.float_("PROVISIONER_AGENT_READY_TIMEOUT", 600, minimum=0)
-# Failed sign-ins and failed bearer tokens allowed per client address and kind within
-# RATELIMIT_WINDOW seconds before further attempts are refused unchecked (accounts.ratelimit).
-# 0 disables that limit.
+# Failed credentials allowed within RATELIMIT_WINDOW seconds before further attempts of the
+# same scope are refused unchecked (accounts.ratelimit explains the scopes). 0 disables a limit.
+# Sign-ins per (user name, client address), and per user name from all addresses:
 RATELIMIT_LOGIN_FAILURES = env.int_("RATELIMIT_LOGIN_FAILURES", 10, minimum=0)
+RATELIMIT_LOGIN_USER_FAILURES = env.int_("RATELIMIT_LOGIN_USER_FAILURES", 100, minimum=0)
+# Wrong secrets per known token key id (API and agent tokens), and malformed tokens or unknown
+# key ids per client address and token kind:
 RATELIMIT_TOKEN_FAILURES = env.int_("RATELIMIT_TOKEN_FAILURES", 10, minimum=0)
+RATELIMIT_MALFORMED_FAILURES = env.int_("RATELIMIT_MALFORMED_FAILURES", 1000, minimum=0)
 RATELIMIT_WINDOW = env.int_("RATELIMIT_WINDOW", 300, minimum=1)
 # Behind a TLS-terminating proxy that sets this header to "https" (e.g. X-Forwarded-Proto).
 # Opt-in: trusting it without such a proxy would let any client claim to be on HTTPS.
@@ -130,6 +134,9 @@ def _caches(broker_url: str) -> dict[str, dict]:
             "BACKEND": "config.cache.RedisCache",
             "LOCATION": location,
             "KEY_PREFIX": "warmstart",
+            # The limiter fails open when Redis is unreachable; without timeouts a Redis host
+            # that stopped answering would hold requests for the OS's TCP timeout instead.
+            "OPTIONS": {"socket_connect_timeout": 1, "socket_timeout": 1},
         }
     }
 

@@ -16,3 +16,5 @@ os.environ.setdefault("PROVISIONER_AGENT_READY_TIMEOUT", "0")
 # the suite; tests/security/test_ratelimit.py turns them on with a random address per test.
 os.environ.setdefault("RATELIMIT_LOGIN_FAILURES", "0")
 os.environ.setdefault("RATELIMIT_TOKEN_FAILURES", "0")
+os.environ.setdefault("RATELIMIT_LOGIN_USER_FAILURES", "0")
+os.environ.setdefault("RATELIMIT_MALFORMED_FAILURES", "0")

@@ -65,24 +65,25 @@ def agent_view(
     return decorator
 
 
-def agent_token_issued(token: str | None) -> bool:
-    """True when ``token`` belongs to an agent we created (even a retired one): not a guess."""
-    parts = tokens.split(token, AGENT_TOKEN_PREFIX) if token else None
-    if parts is None:
-        return False
-    hashes = WorkspaceAgent.objects.filter(token_key_id=parts[0]).values_list(
-        "token_secret_hash", flat=True
+def agent_token_hashes(key_id: str) -> list[str]:
+    """Secret hashes of the agents created under ``key_id``, retired ones included (for the
+    rate limiter: none means an unknown key id, a match a real token that is not a guess)."""
+    return list(
+        WorkspaceAgent.objects.filter(token_key_id=key_id).values_list(
+            "token_secret_hash", flat=True
+        )
     )
-    return any(tokens.secret_matches(parts[1], secret_hash) for secret_hash in hashes)
 
 
 def agent_token_attempt(request: HttpRequest, token: str | None) -> WorkspaceAgent | None:
-    """``agent_authenticate`` behind the per-client failure limit (accounts.ratelimit)."""
+    """``agent_authenticate`` behind the failure limits of agent tokens (accounts.ratelimit):
+    counted per key id, so other processes on the agent's host cannot block it."""
     return ratelimit.token_attempt(
         request,
         ratelimit.AGENT_TOKEN,
+        tokens.split(token, AGENT_TOKEN_PREFIX) if token else None,
         lambda: agent_authenticate(token) if token else None,
-        issued=lambda: agent_token_issued(token),
+        hashes=agent_token_hashes,
     )
 
 

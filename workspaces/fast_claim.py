@@ -20,11 +20,13 @@ its own; ``CLAIM_FAST_PATH=false`` turns it off. An error *during* the claim's t
 500, as in the view (nothing is handed on: the claim might have committed).
 
 It calls what the view calls: ``accounts.ratelimit.retry_after_async`` (the limiter's check
-before any credential is looked at), the token and preset rows loaded as models
-(``config.sql``), ``prebuilds.claims.claim_prebuild_async`` (the claim service's async twin:
-same statements, same guarantees), ``job_publisher.job_enqueue_async`` and
-``serializers.workspace_json``; the response headers are those Django's security and
-clickjacking middleware add, computed by that middleware once per process.
+of the presented key id before any credential is looked at; a malformed token or an unknown key
+id is never served here, so the per-address budget is the view's to apply), the token and
+preset rows loaded as models (``config.sql``), ``prebuilds.claims.claim_prebuild_async`` (the
+claim service's async twin: same statements, same guarantees),
+``job_publisher.job_enqueue_async`` and ``serializers.workspace_json``; the response headers
+are those Django's security and clickjacking middleware add, computed by that middleware
+once per process.
 """
 
 from __future__ import annotations
@@ -206,13 +208,14 @@ class FastClaim:
         if parts is None or request is None:
             return None
         name, preset_id = request
-        client = scope.get("client") or ("", 0)
-        address = ratelimit.address_of(client[0] or "")
         try:
-            if await ratelimit.retry_after_async(address, ratelimit.API_TOKEN) is not None:
+            key = ratelimit.key_scope(ratelimit.API_TOKEN, parts[0])
+            if await ratelimit.retry_after_async(key) is not None:
                 return None  # blocked: the view answers 429
             pool = await self._pool()
             conn = await pool.getconn(timeout=CONNECTION_TIMEOUT)
+        except ratelimit.CacheUnavailable:
+            return None  # the limiter logged the outage once; the view decides (fails open)
         except Exception:
             logger.warning("fast_claim_handed_over", exc_info=True)
             return None

@@ -123,6 +123,8 @@ def test_the_security_settings_follow_the_environment(tmp_path, name, variables,
     [
         ("RATELIMIT_LOGIN_FAILURES", "-1"),
         ("RATELIMIT_TOKEN_FAILURES", "many"),
+        ("RATELIMIT_LOGIN_USER_FAILURES", "-5"),
+        ("RATELIMIT_MALFORMED_FAILURES", "lots"),
         ("RATELIMIT_WINDOW", "0"),
         ("SECURE_HSTS_SECONDS", "a year"),
         ("SECURE_SSL_REDIRECT", "perhaps"),

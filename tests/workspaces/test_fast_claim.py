@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import uuid
 from typing import Any
 
@@ -281,25 +282,40 @@ def test_errors_are_the_views_answers_and_change_nothing(case, status, error):
     assert _state() == before
 
 
-def test_a_bad_token_is_counted_by_the_rate_limiter_and_a_blocked_client_gets_429():
+def _wrong_secret(token: str) -> str:
+    prefix, key_id, _ = token.split("_", 2)
+    return f"{prefix}_{key_id}_{'x' * 43}"
+
+
+def test_a_blocked_key_id_gets_429_from_the_view_and_other_keys_are_still_served():
+    """The fast path checks the presented key id's failures (accounts.ratelimit) before the
+    token is looked at: a blocked key id goes to the view (429, nothing claimed), while another
+    user's valid token from the same address is still served here."""
     preset = PresetFactory()
     prebuild(preset)
-    good = fresh_token(UserFactory())
-    address = ratelimit.address_of(CLIENT[0])
-    ratelimit.reset(address=address, kind=ratelimit.API_TOKEN)
+    attacked, other = fresh_token(UserFactory()), fresh_token(UserFactory())
+    key = ratelimit.key_scope(ratelimit.API_TOKEN, attacked.split("_")[1])
     try:
-        with override_settings(RATELIMIT_TOKEN_FAILURES=2):
+        with override_settings(RATELIMIT_TOKEN_FAILURES=2, RATELIMIT_MALFORMED_FAILURES=2):
+            for _ in range(2):
+                response = post(_wrong_secret(attacked), claim_body(preset))[0]
+                assert response.status_code == 401
+            # Unknown key ids spend only the address's budget, never a valid key's.
             for _ in range(2):
                 assert post("wst_0000000000000000_nope", claim_body(preset))[0].status_code == 401
-            response, served = post(good, claim_body(preset))
+            blocked, blocked_served = post(attacked, claim_body(preset))
+            claims_after_block = PrebuildClaim.objects.count()
+            served_answer, other_served = post(other, claim_body(preset, "other"))
     finally:
-        ratelimit.reset(address=address, kind=ratelimit.API_TOKEN)
+        ratelimit.reset(key, ratelimit.address_scope(ratelimit.API_TOKEN, CLIENT[0]))
 
-    # Blocked: even a good token is refused before it is looked at, and nothing is claimed.
-    assert served.handed_over == ["/api/v2/workspaces"]
-    assert response.status_code == 429
-    assert response.json()["error"] == "rate_limited"
-    assert not PrebuildClaim.objects.exists()
+    # Blocked: even the right secret is refused before it is looked at, and nothing is claimed.
+    assert blocked_served.handed_over == ["/api/v2/workspaces"]
+    assert blocked.status_code == 429
+    assert blocked.json()["error"] == "rate_limited"
+    assert claims_after_block == 0
+    assert other_served.handed_over == []
+    assert served_answer.status_code == 201, served_answer.text
 
 
 @pytest.mark.parametrize("pool", ["empty", "none-kept"])
@@ -356,3 +372,45 @@ def test_with_the_fast_path_off_every_claim_goes_to_the_view():
 
     assert response.status_code == 201 and response.json()["claimed_prebuild"] is True
     assert served.handed_over == []  # the fast path never saw it
+
+
+def test_with_the_rate_limiters_cache_down_the_view_claims_and_the_outage_is_logged_once(
+    monkeypatch,
+):
+    class Down:
+        """The limiter's cache with Redis gone: every read and write fails."""
+
+        async def aget_many(self, *args, **kwargs):
+            raise ConnectionError("redis is down")
+
+        def get_many(self, *args, **kwargs):
+            raise ConnectionError("redis is down")
+
+        add = incr = get_many
+
+    preset = PresetFactory()
+    prebuild(preset)
+    prebuild(preset)
+    monkeypatch.setattr(ratelimit, "cache", Down())
+    monkeypatch.setattr(ratelimit, "_health", ratelimit._CacheHealth())
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    loggers = [logging.getLogger(name) for name in ("accounts.ratelimit", "workspaces.fast_claim")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        with override_settings(RATELIMIT_TOKEN_FAILURES=3):
+            answers = [post(fresh_token(UserFactory()), claim_body(preset)) for _ in range(2)]
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+
+    # The fast path cannot read the limiter: it hands over; the view fails open and claims.
+    for response, served in answers:
+        assert served.handed_over == ["/api/v2/workspaces"]
+        assert response.status_code == 201, response.text
+        assert response.json()["claimed_prebuild"]
+    # One line for the outage (from the limiter), none per request, no traceback.
+    assert [r.getMessage().split()[0] for r in records] == ["ratelimit_cache_unavailable"]
+    assert records[0].exc_info is None
