@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, TypedDict
 
 from django.db import transaction
@@ -101,8 +102,12 @@ def _desired_instances(body: dict[str, Any]) -> int:
 
 
 def _shown(value: Any) -> str:
-    """A short rendering of a refused value (a body may carry a megabyte of it)."""
-    text = repr(value)
+    """A refused value as JSON spells it, kept short (a body may carry a megabyte of it)."""
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    text = json.dumps(value)
     return text if len(text) <= 40 else text[:40] + "…"
 
 

@@ -262,6 +262,18 @@ def test_it_sets_the_pool_size_and_audits_it():
     assert (entry.detail, entry.source) == ("none → 3", "api")
 
 
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [(True, "true"), (None, "null"), (-1, "-1"), ("3", '"3"'), ([3], "an array"), ("x" * 99, "…")],
+)
+def test_it_shows_a_refused_value_as_json_spells_it(staff_client, pool, value, shown):
+    detail = put_preset(staff_client, pool.id, {"desired_instances": value}).json()["detail"]
+
+    assert detail.startswith("desired_instances: must be an integer >= 0 (got ")
+    assert shown in detail
+    assert len(detail) < 120
+
+
 def test_it_answers_the_new_size_on_the_next_get(staff_client, pool):
     assert put_preset(staff_client, pool.id, {"desired_instances": 0}).status_code == 200
 
