@@ -1,9 +1,9 @@
 """The operator audit trail: who did what to which pool, and when.
 
-`audit_record` is the one writer of `AuditEntry`; every operator control (dashboard views and
-admin actions alike) calls it *after* its service succeeded and inside the same transaction
-where the service has one, so an entry exists exactly when the change happened. Refused input
-changes nothing and records nothing.
+`audit_record` is the one writer of `AuditEntry`; every operator control (dashboard views, admin
+actions and the API's writes alike) calls it *after* its service succeeded and inside the same
+transaction where the service has one, so an entry exists exactly when the change happened.
+Refused input changes nothing and records nothing.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Reads for the reconciler: one snapshot of every preset a pass looks at.
+"""Reads for the reconciler (one snapshot of every preset a pass looks at) and for the operator
+API (one preset, ``preset_get_for_operator``).
 
 `reconciliation_snapshot` answers with a **fixed number of queries** (five), whatever the
 number of presets, templates and workspaces, so a pass costs the same handful of round trips
@@ -28,10 +29,11 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
-from accounts.models import SYSTEM_USER_ID
+from accounts.models import SYSTEM_USER_ID, Membership, User
 from prebuilds.models import SETTINGS_ID, PrebuildsSettings
 from prebuilds.reconciliation import Backoff, PrebuildInfo, PrebuildSchedule, PresetSnapshot
-from workspaces.models import PrebuildStatus, PresetSchedule
+from workspaces.models import PrebuildStatus, PresetSchedule, TemplateVersionPreset
+from workspaces.selectors import parse_uuid
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,41 @@ def reconciliation_paused() -> bool:
         PrebuildsSettings.objects.filter(id=SETTINGS_ID)
         .values_list("reconciliation_paused", flat=True)
         .first()
+    )
+
+
+def preset_get_for_operator(*, user: User, preset_id: object) -> TemplateVersionPreset | None:
+    """The preset with its version, template and organization loaded (one query), or None.
+
+    None for a malformed or unknown id and for a preset of an organization ``user`` is not a
+    member of: callers answer all three alike, so ids of other organizations' presets leak
+    nothing. Staff status is the caller's to check. The version's template file (``source``,
+    possibly large) is not read.
+    """
+    parsed = parse_uuid(preset_id)
+    if parsed is None:
+        return None
+    return (
+        TemplateVersionPreset.objects.select_related("template_version__template__organization")
+        .defer("template_version__source")
+        .filter(
+            id=parsed,
+            template_version__template__organization_id__in=Membership.objects.filter(
+                user=user
+            ).values("organization_id"),
+        )
+        .first()
+    )
+
+
+def preset_is_active(preset: TemplateVersionPreset) -> bool:
+    """Whether the preset is *active* (module docstring) for a preset whose version and template
+    are loaded; the same rule as the ``active`` column of ``_PRESETS_SQL`` (the snapshot)."""
+    template = preset.template_version.template
+    return (
+        template.active_version_id == preset.template_version_id
+        and not template.deleted
+        and not template.deprecated
     )
 
 

@@ -2,11 +2,10 @@
 
 Every entry point that sets how many prebuilds a preset keeps, or which presets count, calls
 ``pool_sizes_check``: the template push service (``push_template``), the admin's preset,
-schedule, pool and template forms (``admin_forms``), and the dashboard's service
-(``prebuilds.services.preset_set_desired_instances``). A typo such as
+schedule, pool and template forms (``admin_forms``), and the service of the dashboard and the
+JSON API (``prebuilds.services.preset_set_desired_instances``). A typo such as
 ``instances = 1000000000`` is refused with a message naming the field before anything is
-written, instead of being turned into a billion workspaces by the next pass. (The JSON API has
-no endpoint that sets a pool size or pushes a template.)
+written, instead of being turned into a billion workspaces by the next pass.
 
 The two bounds (settings, read at call time):
 

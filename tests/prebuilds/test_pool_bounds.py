@@ -1,8 +1,8 @@
 """Bounds on pool sizes at the prebuilds app's entry points: the pool admin, the dashboard
 and the service they call (``workspaces.pool_limits`` decides; these pin that each uses it).
 
-The JSON API has no endpoint that sets a pool size or pushes a template (DESIGN.md §7), so
-there is no API entry point to bound; an endpoint added later calls these same services.
+The JSON API's entry point (``PUT /api/v2/prebuilds/presets/<id>``) calls the same service;
+its refusals are pinned in ``tests/prebuilds/test_api.py``.
 """
 
 from __future__ import annotations

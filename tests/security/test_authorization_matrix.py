@@ -59,6 +59,8 @@ BODIES: dict[str, Any] = {
     "POST /api/v2/workspaces/{ws}/builds": {"transition": "stop"},
     "POST /api/v2/workspaces/{unknown}/builds": {"transition": "stop"},
     "PUT /api/v2/prebuilds/settings": {"reconciliation_paused": True},
+    "PUT /api/v2/prebuilds/presets/{preset}": {"desired_instances": 2},
+    "PUT /api/v2/prebuilds/presets/{unknown}": {"desired_instances": 2},
     "POST /api/v2/workspaceagents/me/lifecycle": {"state": "ready"},
 }
 
@@ -110,6 +112,10 @@ MATRIX: list[tuple[Any, ...]] = [
     ("GET /api/v2/prebuilds/status",                        401, 403, 403, 200, 401, 401),
     ("GET /api/v2/prebuilds/settings",                      401, 403, 403, 200, 401, 401),
     ("PUT /api/v2/prebuilds/settings",                      401, 403, 403, 200, 401, 401),
+    ("GET /api/v2/prebuilds/presets/{preset}",              401, 403, 403, 200, 401, 401),
+    ("GET /api/v2/prebuilds/presets/{unknown}",             401, 403, 403, 404, 401, 401),
+    ("PUT /api/v2/prebuilds/presets/{preset}",              401, 403, 403, 200, 401, 401),
+    ("PUT /api/v2/prebuilds/presets/{unknown}",             401, 403, 403, 404, 401, 401),
     # --- agent endpoints (agent tokens only) -------------------------------------------------
     ("GET /api/v2/workspaceagents/me/manifest",             401, 401, 401, 401, 200, 401),
     ("POST /api/v2/workspaceagents/me/lifecycle",           401, 401, 401, 401, 204, 401),

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from accounts.services import api_token_create
-from prebuilds.models import PrebuildClaim, PrebuildsSettings
+from prebuilds.models import AuditEntry, PrebuildClaim, PrebuildsSettings
 from tests.accounts.factories import UserFactory
 from tests.workspaces.factories import AgentFactory, BuildFactory, PresetFactory, WorkspaceFactory
 from workspaces.models import (
@@ -146,13 +146,17 @@ def bodies(fields: dict[str, Any]) -> st.SearchStrategy[bytes]:
 
 
 def snapshot() -> dict[str, Any]:
-    """Rows of every table the four endpoints may write, and the values they may change."""
+    """Rows of every table the write endpoints may change, and the values they may change."""
     return {
         "workspaces": list(Workspace.objects.order_by("id").values_list("id", "name", "owner_id")),
         "builds": WorkspaceBuild.objects.count(),
         "jobs": ProvisionerJob.objects.count(),
         "claims": PrebuildClaim.objects.count(),
         "settings": list(PrebuildsSettings.objects.values_list("reconciliation_paused")),
+        "pool_sizes": list(
+            TemplateVersionPreset.objects.order_by("id").values_list("id", "desired_instances")
+        ),
+        "audit_entries": AuditEntry.objects.count(),
         "agents": list(
             WorkspaceAgent.objects.order_by("id").values_list(
                 "id", "lifecycle_state", "lifecycle_changed_at"
@@ -247,6 +251,19 @@ def test_prebuild_settings_never_fail_badly(api, world, data):
 
 @PROPERTY
 @given(data=st.data())
+def test_setting_a_pool_size_never_fails_badly(api, world, data):
+    body = data.draw(bodies({"desired_instances": 2}))
+    content_type = data.draw(st.sampled_from(CONTENT_TYPES))
+    url = f"/api/v2/prebuilds/presets/{world['preset'].id}"
+    before = snapshot()
+
+    response = _send(api, "PUT", url, body, content_type, world["staff"])
+
+    assert_safe(response, before)
+
+
+@PROPERTY
+@given(data=st.data())
 def test_lifecycle_reports_never_fail_badly(api, world, data):
     body = data.draw(bodies({"state": "ready"}))
     content_type = data.draw(st.sampled_from(CONTENT_TYPES))
@@ -289,6 +306,7 @@ ENDPOINTS = [
     ("POST", "/api/v2/workspaces", "member"),
     ("POST", "/api/v2/workspaces/{workspace}/builds", "member"),
     ("PUT", "/api/v2/prebuilds/settings", "staff"),
+    ("PUT", "/api/v2/prebuilds/presets/{preset}", "staff"),
     ("POST", "/api/v2/workspaceagents/me/lifecycle", "agent"),
 ]
 
@@ -297,7 +315,7 @@ ENDPOINTS = [
 @pytest.mark.parametrize("content_type", ["application/json", "application/x-www-form-urlencoded"])
 def test_a_huge_body_is_a_json_413(api, world, method, url, caller, content_type):
     before = snapshot()
-    url = url.format(workspace=world["workspace"].id)
+    url = url.format(workspace=world["workspace"].id, preset=world["preset"].id)
 
     response = _send(api, method, url, HUGE, content_type, world[caller])
 
@@ -576,6 +594,7 @@ def test_a_nul_in_a_multipart_form_field_is_a_plain_400(staff_client, world):
         ("POST", "/api/v2/workspaces", "member", {"name": "dev", "template_id\x00": "x"}),
         ("POST", "/api/v2/workspaces/{workspace}/builds", "member", {"transition": "stop\x00"}),
         ("PUT", "/api/v2/prebuilds/settings", "staff", {"reconciliation_paused": ["\x00"]}),
+        ("PUT", "/api/v2/prebuilds/presets/{preset}", "staff", {"desired_instances\x00": 2}),
         ("POST", "/api/v2/workspaceagents/me/lifecycle", "agent", {"state": "ready\x00"}),
     ],
 )
@@ -583,7 +602,7 @@ def test_a_nul_in_a_json_body_is_a_json_400_and_changes_nothing(
     api, world, method, url, caller, body
 ):
     preset = world["preset"]
-    url = url.format(workspace=world["workspace"].id)
+    url = url.format(workspace=world["workspace"].id, preset=preset.id)
     body = json.loads(
         json.dumps(body).replace("{template}", str(preset.template_version.template_id))
     )
