@@ -78,8 +78,15 @@ def _no_content() -> HttpResponse:
 # The overview
 
 
-def _overview_context(notice: tuple[str, str] | None = None) -> dict:
-    return {"board": dashboard.overview(), "notice": notice}
+def _overview_context(notice: tuple[str, str] | None = None, *, fresh: bool = False) -> dict:
+    """The overview: shared by the polls of this process, or (`fresh`: a page load, a control's
+    answer) computed now and shared from then on, so an operator sees their action at once."""
+    if fresh:
+        board = dashboard.overview()
+        dashboard.overview_share(board)
+    else:
+        board = dashboard.overview_shared()
+    return {"board": board, "notice": notice}
 
 
 @staff_required
@@ -89,11 +96,14 @@ def overview(request: HttpRequest) -> HttpResponse:
 
     To HTMX: with `layout`/`known` (the page's poll, every 3 s while the tab is visible) only
     the pieces that changed, as out-of-band swaps, or 204 when nothing did (see
-    `prebuilds.dashboard`); otherwise the `overview-live` fragment.
+    `prebuilds.dashboard`); otherwise the `overview-live` fragment. Polls are answered from
+    the overview shared by this process's viewers (at most a second old); a page load gets a
+    fresh one (after a control without JavaScript, the redirect lands here), shared from then.
     """
-    context = _overview_context()
+    polling = bool(request.htmx) and "known" in request.GET
+    context = _overview_context(fresh=not polling)
     template_name = "prebuilds/overview.html"
-    if request.htmx and "known" in request.GET:
+    if polling:
         changes = dashboard.overview_changes(
             context["board"],
             layout=request.GET.get("layout", ""),
@@ -111,9 +121,8 @@ def overview(request: HttpRequest) -> HttpResponse:
 def _overview_answer(request: HttpRequest, level: str, text: str) -> HttpResponse:
     """After a global control: the live fragment to HTMX, a redirect with a message otherwise."""
     if request.htmx:
-        return render(
-            request, "prebuilds/overview.html#overview-live", _overview_context((level, text))
-        )
+        context = _overview_context((level, text), fresh=True)
+        return render(request, "prebuilds/overview.html#overview-live", context)
     messages.add_message(request, messages.ERROR if level == "error" else messages.SUCCESS, text)
     return redirect("prebuilds:overview")
 
@@ -166,15 +175,15 @@ def _preset_context(
     notice: tuple[str, str] | None = None,
     full: bool = True,
 ) -> dict:
-    board = dashboard.overview()
-    row = dashboard.preset_row(board, preset.id)
-    prebuilds = dashboard.preset_prebuilds(preset, now=board.computed_at)
+    pool = dashboard.preset_pool(preset.id)
+    row = pool.row
+    prebuilds = dashboard.preset_prebuilds(preset, now=pool.computed_at)
     context = {
         "preset": preset,
         "version": preset.template_version,
         "template": preset.template_version.template,
         "row": row,
-        "paused": board.paused,
+        "paused": pool.paused,
         "prebuilds": prebuilds,
         "state_version": dashboard.version_of(
             row.version if row else None,
@@ -197,7 +206,7 @@ def _preset_context(
     }
     if full:
         context.update(
-            chart=dashboard.preset_chart(preset.id, now=board.computed_at),
+            chart=dashboard.preset_chart(preset.id, now=pool.computed_at),
             claims=dashboard.preset_claims(preset),
             failures=dashboard.preset_failures(preset),
         )
