@@ -87,6 +87,7 @@ class Claim:
     status: int = 0
     workspace_id: str | None = None
     claimed: bool = False
+    # Wall clock at which the web process recorded the last agent's ready report for the owner.
     ready_at: float | None = None
 
 
@@ -208,11 +209,10 @@ class Scraper(threading.Thread):
     def staleness_max(self, since: float) -> float | None:
         """The largest scrape time − last pass start, over the scrapes that saw a pass
         started at or after ``since``, and every scrape after the first of those."""
-        seen = [(at, last) for at, last in self.samples]
-        first = next((i for i, (_, last) in enumerate(seen) if last >= since), None)
+        first = next((i for i, (_, last) in enumerate(self.samples) if last >= since), None)
         if first is None:
             return None
-        return max(at - last for at, last in seen[first:])
+        return max(at - last for at, last in self.samples[first:])
 
 
 # --- The run ---------------------------------------------------------------------------------
@@ -369,15 +369,17 @@ def measure(
                 for claim in waiting:
                     if claim.workspace_id in found:
                         claim.ready_at = found[claim.workspace_id]
+            pause = OBSERVE_INTERVAL
             if not sending:
                 end_deadline = end_deadline or time.monotonic() + ready_timeout
-                all_ready = all(c.ready_at is not None for c in claims if c.claimed)
-                if all_ready and not _refill_starts(preset, [c for c in claims if c.claimed])[1]:
+                hits = [c for c in claims if c.claimed]
+                if all(c.ready_at is not None for c in hits):
+                    if not _refill_starts(preset, hits)[1] or time.monotonic() > end_deadline:
+                        break
+                    pause = 0.5  # only replacements left to wait for: a slower look
+                elif time.monotonic() > end_deadline:
                     break
-                if time.monotonic() > end_deadline:
-                    break
-                time.sleep(max(OBSERVE_INTERVAL, 0.5 if all_ready else 0))
-            time.sleep(OBSERVE_INTERVAL)
+            time.sleep(pause)
         sender.join()
         run_end = timezone.now()
         scraper.stopping.set()

@@ -29,9 +29,10 @@ What a poll costs. Every viewer of a web process polls against one shared `Overv
 (`overview_shared`), computed at most once a second (`OVERVIEW_MAX_AGE`) by one request while
 the others wait for it, so twenty operators watching cost one computation a second, not twenty
 every three seconds. A poll whose versions are all current is then a string comparison and a
-204: the unchanged rows cost nothing. Controls compute a fresh overview and share it, so an
-operator's own action shows at once; anyone else's change shows within a second plus the
-poll's interval. The preset page reads its one preset (`preset_pool`), never the fleet.
+204: the unchanged rows cost nothing. Page loads and controls' answers take a fresh overview
+(`overview_fresh`: computed after they arrived, shared by those arriving meanwhile) and share
+it, so an operator's own action shows at once; anyone else's change shows within a second plus
+the poll's interval. The preset page reads its one preset (`preset_pool`), never the fleet.
 
 Why this shape: no client-side diffing library (idiomorph) and no server-side session state;
 the server renders only what changed; an unchanged row's DOM node (focus, text selection) is
@@ -44,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import astuple, dataclass, field
 from datetime import datetime, timedelta
@@ -304,7 +306,16 @@ def overview(*, now: datetime | None = None) -> Overview:
 # How old the shared overview may be when a poll is answered from it (see the module docstring).
 OVERVIEW_MAX_AGE = timedelta(seconds=1)
 _shared_lock = threading.Lock()
-_shared: list[Overview] = []  # the shared overview of this process, once computed
+# The shared overview of this process, once computed: (board, time.monotonic() when its
+# computation began).
+_shared: list[tuple[Overview, float]] = []
+
+
+def _compute_and_share() -> Overview:
+    started = time.monotonic()
+    board = overview()
+    _shared[:] = [(board, started)]
+    return board
 
 
 def overview_shared(*, max_age: timedelta = OVERVIEW_MAX_AGE) -> Overview:
@@ -314,21 +325,27 @@ def overview_shared(*, max_age: timedelta = OVERVIEW_MAX_AGE) -> Overview:
     so however many viewers poll, a process computes the overview at most once per `max_age`.
     """
     with _shared_lock:
-        if _shared and timezone.now() - _shared[0].computed_at <= max_age:
-            return _shared[0]
-        board = overview()
-        _shared[:] = [board]
-        return board
+        if _shared and timezone.now() - _shared[0][0].computed_at <= max_age:
+            return _shared[0][0]
+        return _compute_and_share()
 
 
-def overview_share(board: Overview) -> None:
-    """Make `board` (fresh after a control) the one polls of this process are answered from."""
+def overview_fresh() -> Overview:
+    """An overview whose computation began after this call did, so it sees every write
+    committed before (a page load, a control's answer); shared from then on.
+
+    Requests waiting while one computes take the next result if it began after they arrived:
+    many concurrent page loads cost one or two computations, not one each.
+    """
+    asked = time.monotonic()
     with _shared_lock:
-        _shared[:] = [board]
+        if _shared and _shared[0][1] >= asked:
+            return _shared[0][0]
+        return _compute_and_share()
 
 
 def overview_forget() -> None:
-    """Drop the shared overview: the next poll computes one (tests start from nothing)."""
+    """Drop the shared overview: the next request computes one (tests start from nothing)."""
     with _shared_lock:
         _shared.clear()
 

@@ -81,11 +81,7 @@ def _no_content() -> HttpResponse:
 def _overview_context(notice: tuple[str, str] | None = None, *, fresh: bool = False) -> dict:
     """The overview: shared by the polls of this process, or (`fresh`: a page load, a control's
     answer) computed now and shared from then on, so an operator sees their action at once."""
-    if fresh:
-        board = dashboard.overview()
-        dashboard.overview_share(board)
-    else:
-        board = dashboard.overview_shared()
+    board = dashboard.overview_fresh() if fresh else dashboard.overview_shared()
     return {"board": board, "notice": notice}
 
 
