@@ -120,6 +120,10 @@ def process_layout(env: dict[str, str]) -> list[tuple[str, list[str]]]:
     users run (web, worker(s), beat), whatever it becomes."""
     from config import launcher
 
+    # The supervised launcher (issue 13) names its list `process_specs`; before it, `_children`.
+    specs = getattr(launcher, "process_specs", None)
+    if specs is not None:
+        return [(spec.name, list(spec.command)) for spec in specs(env)]
     return launcher._children(env)
 
 
