@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from benchmarks.claim import DEMO_TEMPLATE, ELIGIBLE_COUNT_SQL, user_with_token
+from benchmarks.claim import DEMO_TEMPLATE, user_with_token
 from benchmarks.processes import Session, free_port, percentile, session
 
 POOL = 200
@@ -172,14 +172,11 @@ def _ready_now(workspace_ids: list[str]) -> dict[str, float]:
 
 
 def _eligible(preset) -> int:
-    from django.db import connection
+    """The pool's eligible prebuilds, by the reconciler's own rule (a dry run of the preset)."""
+    from prebuilds.reconciler import reconcile
 
-    from accounts.models import SYSTEM_USER_ID
-
-    params = {"system": SYSTEM_USER_ID, "template": preset.template_version.template_id}
-    with connection.cursor() as cursor:
-        cursor.execute(ELIGIBLE_COUNT_SQL, params)
-        return cursor.fetchone()[0]
+    presets = reconcile(dry_run=True, preset_ids=[preset.id]).presets
+    return presets[0].state.eligible if presets else 0
 
 
 class Scraper(threading.Thread):
