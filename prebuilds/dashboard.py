@@ -27,12 +27,13 @@ swaps nothing.
 
 What a poll costs. Every viewer of a web process polls against one shared `Overview`
 (`overview_shared`), computed at most once a second (`OVERVIEW_MAX_AGE`) by one request while
-the others wait for it, so twenty operators watching cost one computation a second, not twenty
-every three seconds. A poll whose versions are all current is then a string comparison and a
-204: the unchanged rows cost nothing. Page loads and controls' answers take a fresh overview
-(`overview_fresh`: computed after they arrived, shared by those arriving meanwhile) and share
-it, so an operator's own action shows at once; anyone else's change shows within a second plus
-the poll's interval. The preset page reads its one preset (`preset_pool`), never the fleet.
+the others are answered from the previous one, so twenty operators watching cost one
+computation a second, not twenty every three seconds. A poll whose versions are all current
+is then a string comparison and a 204: the unchanged rows cost nothing. Page loads and
+controls' answers take a fresh overview (`overview_fresh`: computed after they arrived, shared
+by those arriving meanwhile) and share it, so an operator's own action shows at once; anyone
+else's change shows within about a second plus the poll's interval. The preset page reads its
+one preset (`preset_pool`), never the fleet.
 
 Why this shape: no client-side diffing library (idiomorph) and no server-side session state;
 the server renders only what changed; an unchanged row's DOM node (focus, text selection) is
@@ -305,9 +306,10 @@ def overview(*, now: datetime | None = None) -> Overview:
 
 # How old the shared overview may be when a poll is answered from it (see the module docstring).
 OVERVIEW_MAX_AGE = timedelta(seconds=1)
-_shared_lock = threading.Lock()
-# The shared overview of this process, once computed: (board, time.monotonic() when its
-# computation began).
+# One computation of the shared overview at a time in this process.
+_computing = threading.Lock()
+# The shared overview, once computed: (board, time.monotonic() when its computation began).
+# Replaced whole (one list assignment) under `_computing`; read without it.
 _shared: list[tuple[Overview, float]] = []
 
 
@@ -321,13 +323,22 @@ def _compute_and_share() -> Overview:
 def overview_shared(*, max_age: timedelta = OVERVIEW_MAX_AGE) -> Overview:
     """The overview of this process computed at most `max_age` ago, else a fresh one.
 
-    Single flight: one request computes while the others wait for it and share its result,
-    so however many viewers poll, a process computes the overview at most once per `max_age`.
+    Single flight: one request computes while the others wait for it and share its result, so
+    however many viewers poll, a process computes the overview at most once per `max_age`.
+    While a newer one is being computed, polls are answered from the current one instead of
+    waiting (so the answer may be `max_age` plus one computation old).
     """
-    with _shared_lock:
+    current = _shared[0][0] if _shared else None
+    if current is not None and timezone.now() - current.computed_at <= max_age:
+        return current
+    if not _computing.acquire(blocking=current is None):
+        return current  # being recomputed: this one meanwhile
+    try:
         if _shared and timezone.now() - _shared[0][0].computed_at <= max_age:
-            return _shared[0][0]
+            return _shared[0][0]  # computed while we waited for the lock
         return _compute_and_share()
+    finally:
+        _computing.release()
 
 
 def overview_fresh() -> Overview:
@@ -338,7 +349,7 @@ def overview_fresh() -> Overview:
     many concurrent page loads cost one or two computations, not one each.
     """
     asked = time.monotonic()
-    with _shared_lock:
+    with _computing:
         if _shared and _shared[0][1] >= asked:
             return _shared[0][0]
         return _compute_and_share()
@@ -346,7 +357,7 @@ def overview_fresh() -> Overview:
 
 def overview_forget() -> None:
     """Drop the shared overview: the next request computes one (tests start from nothing)."""
-    with _shared_lock:
+    with _computing:
         _shared.clear()
 
 

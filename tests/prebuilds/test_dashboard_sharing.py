@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import timedelta
 
 import pytest
+import time_machine
 from django.db import connection
+from django.utils import timezone
 
 from prebuilds import dashboard
 from tests.workspaces.factories import PresetFactory, prebuild
@@ -73,3 +76,38 @@ def test_a_fresh_overview_sees_what_was_committed_before_it_was_asked_for():
     assert dashboard.preset_row(before, preset.id).actual == 0
     assert dashboard.preset_row(after, preset.id).actual == 1
     assert dashboard.overview_shared() is after  # and polls are answered from it
+
+
+def test_a_poll_is_answered_from_the_current_overview_while_the_next_is_computed(monkeypatch):
+    preset = PresetFactory(desired_instances=2)
+    old = dashboard.overview_shared()
+    prebuild(preset)
+    computing, release = threading.Event(), threading.Event()
+    real = dashboard.overview
+
+    def held_overview(**kwargs):
+        computing.set()
+        release.wait(30)
+        return real(**kwargs)
+
+    monkeypatch.setattr(dashboard, "overview", held_overview)
+    expired = dashboard.OVERVIEW_MAX_AGE + timedelta(seconds=1)
+    with time_machine.travel(timezone.now() + expired, tick=False):
+
+        def recompute() -> None:
+            try:
+                dashboard.overview_shared()
+            finally:
+                connection.close()
+
+        recomputing = threading.Thread(target=recompute)
+        recomputing.start()
+        assert computing.wait(30)
+
+        meanwhile = dashboard.overview_shared()  # does not wait for the computation
+        release.set()
+        recomputing.join(30)
+        after = dashboard.overview_shared()
+
+    assert meanwhile is old
+    assert dashboard.preset_row(after, preset.id).actual == 1
