@@ -25,15 +25,15 @@ them, htmx unwraps them). When the layout differs (a preset appeared or left) th
 swapped instead, which keeps the protocol trivially correct. Nothing changed: 204, and htmx
 swaps nothing.
 
-What a poll costs. Every viewer of a web process polls against one shared `Overview`
+What a page costs. Every viewer of a web process is served from one shared `Overview`
 (`overview_shared`), computed at most once a second (`OVERVIEW_MAX_AGE`) by one request while
 the others are answered from the previous one, so twenty operators watching cost one
-computation a second, not twenty every three seconds. A poll whose versions are all current
-is then a string comparison and a 204: the unchanged rows cost nothing. Page loads and
-controls' answers take a fresh overview (`overview_fresh`: computed after they arrived, shared
-by those arriving meanwhile) and share it, so an operator's own action shows at once; anyone
-else's change shows within about a second plus the poll's interval. The preset page reads its
-one preset (`preset_pool`), never the fleet.
+computation a second, not twenty every three seconds, and a page load costs its rendering. A
+poll whose versions are all current is then a string comparison and a 204: the unchanged rows
+cost nothing. A control computes a fresh overview (`overview_fresh`: begun after the control's
+write, shared by requests arriving meanwhile) and shares it, so an operator's own action shows
+at once; anyone else's change shows within about a second plus the poll's interval. The preset
+page reads its one preset (`preset_pool`), never the fleet.
 
 Why this shape: no client-side diffing library (idiomorph) and no server-side session state;
 the server renders only what changed; an unchanged row's DOM node (focus, text selection) is
@@ -343,10 +343,10 @@ def overview_shared(*, max_age: timedelta = OVERVIEW_MAX_AGE) -> Overview:
 
 def overview_fresh() -> Overview:
     """An overview whose computation began after this call did, so it sees every write
-    committed before (a page load, a control's answer); shared from then on.
+    committed before (a control's); shared from then on.
 
     Requests waiting while one computes take the next result if it began after they arrived:
-    many concurrent page loads cost one or two computations, not one each.
+    many concurrent callers cost one or two computations, not one each.
     """
     asked = time.monotonic()
     with _computing:

@@ -79,8 +79,8 @@ def _no_content() -> HttpResponse:
 
 
 def _overview_context(notice: tuple[str, str] | None = None, *, fresh: bool = False) -> dict:
-    """The overview: shared by the polls of this process, or (`fresh`: a page load, a control's
-    answer) computed now and shared from then on, so an operator sees their action at once."""
+    """The overview shared by this process's viewers, or (`fresh`: a control's answer) one
+    computed after the control and shared from then on, so the operator sees their action."""
     board = dashboard.overview_fresh() if fresh else dashboard.overview_shared()
     return {"board": board, "notice": notice}
 
@@ -92,14 +92,12 @@ def overview(request: HttpRequest) -> HttpResponse:
 
     To HTMX: with `layout`/`known` (the page's poll, every 3 s while the tab is visible) only
     the pieces that changed, as out-of-band swaps, or 204 when nothing did (see
-    `prebuilds.dashboard`); otherwise the `overview-live` fragment. Polls are answered from
-    the overview shared by this process's viewers (at most a second old); a page load gets a
-    fresh one (after a control without JavaScript, the redirect lands here), shared from then.
+    `prebuilds.dashboard`); otherwise the `overview-live` fragment. All from the overview
+    shared by this process's viewers (about a second old at most): a page costs its rendering.
     """
-    polling = bool(request.htmx) and "known" in request.GET
-    context = _overview_context(fresh=not polling)
+    context = _overview_context()
     template_name = "prebuilds/overview.html"
-    if polling:
+    if request.htmx and "known" in request.GET:
         changes = dashboard.overview_changes(
             context["board"],
             layout=request.GET.get("layout", ""),
@@ -119,6 +117,7 @@ def _overview_answer(request: HttpRequest, level: str, text: str) -> HttpRespons
     if request.htmx:
         context = _overview_context((level, text), fresh=True)
         return render(request, "prebuilds/overview.html#overview-live", context)
+    dashboard.overview_fresh()  # shared: the page the redirect lands on shows the action
     messages.add_message(request, messages.ERROR if level == "error" else messages.SUCCESS, text)
     return redirect("prebuilds:overview")
 

@@ -530,6 +530,29 @@ def test_it_shows_an_operators_own_control_at_the_next_poll(staff_client, preset
     assert '<section id="reconciler"' in body and "Resume reconciliation" in body
 
 
+def test_it_serves_page_loads_from_the_shared_overview(
+    staff_client, preset, django_assert_num_queries
+):
+    prebuild(preset)
+    with time_machine.travel(NOW, tick=False):
+        staff_client.get("/prebuilds/")
+
+        with django_assert_num_queries(2):  # the session and its user: the page costs rendering
+            response = staff_client.get("/prebuilds/")
+
+    assert cell(body_of(response), preset.id, "actual") == "1"
+
+
+def test_it_lands_a_control_without_javascript_on_a_page_that_shows_it(staff_client, preset):
+    with time_machine.travel(NOW, tick=False):
+        staff_client.get("/prebuilds/")  # the shared overview: not paused
+        staff_client.post("/prebuilds/pause", {"paused": "true"})
+
+        body = body_of(staff_client.get("/prebuilds/"))
+
+    assert "Resume reconciliation" in body
+
+
 def test_the_preset_page_shows_the_row_the_overview_shows():
     presets = pools(10)
     with time_machine.travel(NOW, tick=False):
