@@ -20,8 +20,8 @@ since the server is never idle), for a fixed time.
 - ``load_dashboard_<c>_*``: the overview's live poll as the page sends it (``GET /prebuilds/``
   as HTMX with the ``layout``/``known`` versions of the fragment it holds); expects 204 (nothing
   changed) or 200 (the changed pieces). ``load_dashboard_full_<c>_*``: the whole live fragment
-  (``GET /prebuilds/`` as HTMX without versions: what a page gets when it loads or after a
-  control); expects 200. Both with a staff session made by signing in over HTTP against the web
+  (``GET /prebuilds/`` as HTMX without versions: every row rendered, as for a page load);
+  expects 200. Both with a staff session made by signing in over HTTP against the web
   process itself, so its cookie is one the web process accepts (a session signed with another
   process's ``SECRET_KEY`` is redirected to the login page, and an earlier version of this file
   counted those 302s as successes).
