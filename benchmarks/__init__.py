@@ -21,9 +21,12 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parent.parent
 SCRATCH_DATABASE = "warmstart_bench"
 
-# Measurement modules, run in this order. The reconcile measurement goes first so that its counts
-# see only its own presets; the claim module's seeded pools and templates come later.
+# Measurement modules, run in this order. The whole-system mixed load goes first, on an empty
+# database (beat's passes would otherwise reconcile every other module's pools meanwhile), and
+# empties it again. The reconcile measurement comes next so that its counts see only its own
+# presets; the claim module's seeded pools and templates come later.
 MODULES = (
+    "benchmarks.mixed",
     "benchmarks.reconcile",
     "benchmarks.floors",
     "benchmarks.claim",
@@ -48,6 +51,15 @@ CONTRACT_KEYS = (
     "notify_floor_p99_ms",
     "machine",
     "database",
+    "mixed_claim_ready_p50_ms",
+    "mixed_claim_ready_p99_ms",
+    "mixed_claims",
+    "mixed_missed",
+    "mixed_reconcile_gap_max_s",
+    "mixed_refill_start_p50_ms",
+    "mixed_metrics_staleness_max_s",
+    "mixed_pool_size",
+    "load_whole_system",
 )
 
 
@@ -134,12 +146,15 @@ def database_info() -> str:
         return f"PostgreSQL {cursor.fetchone()[0]}"
 
 
-def run(*, quick: bool) -> dict[str, Any]:
-    """Run every module in a scratch database; answer the contract's keys (null when unmeasured)."""
+def run(*, quick: bool, only: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Run every module (or those named in ``only``, e.g. ``("mixed", "load")``) in a scratch
+    database; answer the contract's keys (null when unmeasured)."""
     results: dict[str, Any] = dict.fromkeys(CONTRACT_KEYS)
     with scratch_database():
         results["machine"] = machine_info()
         results["database"] = database_info()
         for name in MODULES:
+            if only and name.removeprefix("benchmarks.") not in only:
+                continue
             results.update(importlib.import_module(name).run(quick=quick))
     return results

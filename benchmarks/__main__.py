@@ -7,16 +7,26 @@ import json
 import logging
 import sys
 
-from benchmarks import run
+from benchmarks import MODULES, run
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="Same scale, fewer samples.")
     parser.add_argument("--json", action="store_true", help="Print one JSON object last.")
+    parser.add_argument(
+        "--only",
+        default="",
+        metavar="NAMES",
+        help="Comma-separated modules to run (e.g. mixed,load); default: all of them.",
+    )
     args = parser.parse_args(argv)
     logging.getLogger("prebuilds").setLevel(logging.WARNING)  # one INFO line per pass otherwise
-    results = run(quick=args.quick)
+    only = tuple(name.strip() for name in args.only.split(",") if name.strip())
+    unknown = sorted(name for name in only if f"benchmarks.{name}" not in MODULES)
+    if unknown:
+        parser.error(f"--only: no such module: {', '.join(unknown)}")
+    results = run(quick=args.quick, only=only)
     if args.json:
         print(json.dumps(results), flush=True)
     else:

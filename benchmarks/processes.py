@@ -177,6 +177,34 @@ class Session:
         self.processes.append(process)
         return process
 
+    def start(self, name: str, command: list[str], **extra_env: str) -> Process:
+        """Any command of the project (a layout's process) with the session's environment."""
+        return self._spawn(name, command, self.env(**extra_env))
+
+    def wait_answers(self, process: Process, url: str) -> None:
+        """Wait until ``url`` answers HTTP (any status); raise if ``process`` died or it took
+        longer than ``START_TIMEOUT``."""
+        import httpx
+
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                httpx.get(url, timeout=2)
+                return
+            except httpx.TransportError:
+                if process.popen.poll() is not None or time.monotonic() > deadline:
+                    tail = process.log_tail()
+                    raise RuntimeError(f"{process.name} did not answer:\n{tail}") from None
+                time.sleep(0.1)
+
+    def wait_logged(self, process: Process, marker: str) -> None:
+        """Wait until ``marker`` appears in the process's log (a Celery worker's " ready.")."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while marker not in process.log_tail(20000):
+            if process.popen.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{process.name} did not start:\n{process.log_tail()}")
+            time.sleep(0.1)
+
     def start_web(self, **extra_env: str) -> Process:
         """``uvicorn config.asgi:application`` on a free port; wait until it answers."""
         import httpx
@@ -270,8 +298,9 @@ class Session:
 
     def close(self) -> None:
         self.stop_agents()
-        # Worker before web: a worker finishing a build may still talk to the web's database.
-        for process in sorted(self.processes, key=lambda p: p.name != "worker"):
+        # Workers before the rest: a worker finishing a build may still talk to the web
+        # process (and beat, stopped next, only queues work for them).
+        for process in sorted(self.processes, key=lambda p: "worker" not in p.name):
             _stop(process.popen)
         self.processes.clear()
 

@@ -25,6 +25,16 @@ them, htmx unwraps them). When the layout differs (a preset appeared or left) th
 swapped instead, which keeps the protocol trivially correct. Nothing changed: 204, and htmx
 swaps nothing.
 
+What a page costs. Every viewer of a web process is served from one shared `Overview`
+(`overview_shared`), computed at most once a second (`OVERVIEW_MAX_AGE`) by one request while
+the others are answered from the previous one, so twenty operators watching cost one
+computation a second, not twenty every three seconds, and a page load costs its rendering. A
+poll whose versions are all current is then a string comparison and a 204: the unchanged rows
+cost nothing. A control computes a fresh overview (`overview_fresh`: begun after the control's
+write, shared by requests arriving meanwhile) and shares it, so an operator's own action shows
+at once; anyone else's change shows within about a second plus the poll's interval. The preset
+page reads its one preset (`preset_pool`), never the fleet.
+
 Why this shape: no client-side diffing library (idiomorph) and no server-side session state;
 the server renders only what changed; an unchanged row's DOM node (focus, text selection) is
 left alone. The versions are positional rather than `id:version` pairs so a poll of 1,000
@@ -35,6 +45,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import astuple, dataclass, field
 from datetime import datetime, timedelta
@@ -254,7 +266,11 @@ class Overview:
         return version_of("layout", tuple(dom_id for dom_id, _, _ in self.table_pieces))
 
     def known(self) -> str:
-        """What a page showing this overview sends back when it polls (for tests)."""
+        """What a page showing this overview sends back when it polls."""
+        return self._known
+
+    @cached_property
+    def _known(self) -> str:
         versions = [version for _, version, _ in self.table_pieces]
         return ".".join([self.reconciler_version, *versions, self.audit_version])
 
@@ -286,6 +302,63 @@ def overview(*, now: datetime | None = None) -> Overview:
         last_pass=ReconciliationPass.objects.filter(lock_acquired=True).first(),
         audit=tuple(audit_recent()),
     )
+
+
+# How old the shared overview may be when a poll is answered from it (see the module docstring).
+OVERVIEW_MAX_AGE = timedelta(seconds=1)
+# One computation of the shared overview at a time in this process.
+_computing = threading.Lock()
+# The shared overview, once computed: (board, time.monotonic() when its computation began).
+# Replaced whole (one list assignment) under `_computing`; read without it.
+_shared: list[tuple[Overview, float]] = []
+
+
+def _compute_and_share() -> Overview:
+    started = time.monotonic()
+    board = overview()
+    _shared[:] = [(board, started)]
+    return board
+
+
+def overview_shared(*, max_age: timedelta = OVERVIEW_MAX_AGE) -> Overview:
+    """The overview of this process computed at most `max_age` ago, else a fresh one.
+
+    Single flight: one request computes while the others wait for it and share its result, so
+    however many viewers poll, a process computes the overview at most once per `max_age`.
+    While a newer one is being computed, polls are answered from the current one instead of
+    waiting (so the answer may be `max_age` plus one computation old).
+    """
+    current = _shared[0][0] if _shared else None
+    if current is not None and timezone.now() - current.computed_at <= max_age:
+        return current
+    if not _computing.acquire(blocking=current is None):
+        return current  # being recomputed: this one meanwhile
+    try:
+        if _shared and timezone.now() - _shared[0][0].computed_at <= max_age:
+            return _shared[0][0]  # computed while we waited for the lock
+        return _compute_and_share()
+    finally:
+        _computing.release()
+
+
+def overview_fresh() -> Overview:
+    """An overview whose computation began after this call did, so it sees every write
+    committed before (a control's); shared from then on.
+
+    Requests waiting while one computes take the next result if it began after they arrived:
+    many concurrent callers cost one or two computations, not one each.
+    """
+    asked = time.monotonic()
+    with _computing:
+        if _shared and _shared[0][1] >= asked:
+            return _shared[0][0]
+        return _compute_and_share()
+
+
+def overview_forget() -> None:
+    """Drop the shared overview: the next request computes one (tests start from nothing)."""
+    with _computing:
+        _shared.clear()
 
 
 def _totals(template_id: UUID, rows: Sequence[PresetRow]) -> Totals:
@@ -414,6 +487,8 @@ def overview_changes(board: Overview, *, layout: str, known: str) -> Changes:
     the table's pieces differ (added, removed, reordered) or `known` does not line up with
     them, the whole table is.
     """
+    if layout == board.layout and known == board.known():
+        return Changes()  # the common poll: nothing changed, nothing compared piece by piece
     versions = known.split(".") if known else []
     pieces = board.table_pieces
     if layout != board.layout or len(versions) != len(pieces) + 2:
@@ -430,6 +505,29 @@ def overview_changes(board: Overview, *, layout: str, known: str) -> Changes:
             for held, (_, version, item) in zip(versions[1:-1], pieces, strict=True)
             if held != version
         ),
+    )
+
+
+@dataclass(frozen=True)
+class PresetPool:
+    """One preset's overview row (None when the status document leaves it out), and context."""
+
+    row: PresetRow | None
+    paused: bool
+    computed_at: datetime
+
+
+def preset_pool(preset_id: UUID, *, now: datetime | None = None) -> PresetPool:
+    """The overview's row of one preset, from a dry run of that preset alone.
+
+    The same decision the overview shows (`reconcile(dry_run=True)`, limited with
+    `preset_ids`), reading that preset's prebuilds only: the preset page and its poll cost one
+    pool, whatever the size of the fleet.
+    """
+    result = reconcile(dry_run=True, now=now, preset_ids=(preset_id,))
+    rows = preset_rows(result)
+    return PresetPool(
+        row=rows[0] if rows else None, paused=result.paused, computed_at=result.started_at
     )
 
 

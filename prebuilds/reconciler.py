@@ -27,7 +27,7 @@ import base64
 import logging
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -162,23 +162,48 @@ def reconciliation_lock() -> Iterator[bool]:
         lock_connection.close()
 
 
-def reconcile(*, dry_run: bool = False, now: datetime | None = None) -> PassResult:
+def reconciliation_lock_held() -> bool:
+    """Whether a session holds the reconciliation lock right now. Never takes it.
+
+    Reads `pg_locks` (one query): a dry run used to probe by taking and releasing the lock, and
+    a real pass that tried in that instant skipped, so a dashboard being looked at could make
+    passes skip (and two dashboards probing at once told each other "a pass is running").
+    """
+    key = RECONCILIATION_LOCK_KEY & 0xFFFF_FFFF_FFFF_FFFF  # a bigint key: classid, objid halves
+    with connections[DEFAULT_DB_ALIAS].cursor() as cursor:
+        cursor.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND classid::bigint = %s AND objid::bigint = %s AND objsubid = 1)",
+            [key >> 32, key & 0xFFFF_FFFF],
+        )
+        return bool(cursor.fetchone()[0])
+
+
+def reconcile(
+    *,
+    dry_run: bool = False,
+    now: datetime | None = None,
+    preset_ids: Collection[UUID] | None = None,
+) -> PassResult:
     """Run one reconciliation pass and return its statistics.
 
     Guarantees: at most one non-dry-run pass executes at a time in the whole deployment (the
     advisory lock); a pass that cannot take the lock writes nothing but its pass record and
     returns `lock_acquired=False` at once. A paused pass computes and reports everything and
-    writes nothing but its pass record. A dry run writes nothing at all; it does not need
-    the lock (it executes nothing), so it only probes it to report whether a pass could run
-    now, and computes the presets either way.
+    writes nothing but its pass record. A dry run writes nothing at all and never takes the
+    lock (it executes nothing; `lock_acquired` says whether a pass could take it now), and
+    computes the presets either way; `preset_ids` limits a dry run to those presets (a pool's
+    page), with the same decisions the whole dry run makes for them.
     """
+    if preset_ids is not None and not dry_run:
+        raise ValueError("only a dry run can look at some presets alone")
     clock = time.monotonic()
     started_at = timezone.now()
     now = now or started_at
     if dry_run:
-        with reconciliation_lock() as acquired:
-            pass  # a probe: holding the lock while computing would make real passes skip
-        snapshot = reconciliation_snapshot(now=now)
+        acquired = not reconciliation_lock_held()
+        snapshot = reconciliation_snapshot(now=now, preset_ids=preset_ids)
         presets = tuple(_decide(entry, now) for entry in snapshot.presets)
         return PassResult(
             started_at=started_at,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -124,12 +124,18 @@ def preset_is_active(preset: TemplateVersionPreset) -> bool:
     )
 
 
-def reconciliation_snapshot(*, now: datetime | None = None) -> ReconciliationSnapshot:
+def reconciliation_snapshot(
+    *, now: datetime | None = None, preset_ids: Collection[UUID] | None = None
+) -> ReconciliationSnapshot:
     """Read every preset a pass must look at, with its `PresetSnapshot`, in five queries.
 
     The presets are every preset with `desired_instances` on an active version, plus every
     other preset that still has running or in-progress prebuilds. They come ordered by
     organization, template, version (newest first) and preset name.
+
+    `preset_ids` limits the snapshot to those of them (a pool's own page): at most six queries
+    that read only those presets' prebuilds, and each entry is the one the whole snapshot
+    would hold (the same queries, filtered).
 
     The queries run in the caller's transaction (or autocommit): the snapshot is a moment's
     view, and the executor re-checks what matters (ownership, build in progress) under row
@@ -137,8 +143,15 @@ def reconciliation_snapshot(*, now: datetime | None = None) -> ReconciliationSna
     """
     now = now or timezone.now()
     paused = reconciliation_paused()  # query 1
-    prebuilds = _prebuild_rows()  # query 2
-    preset_rows = _preset_rows({row["preset_id"] for row in prebuilds})  # query 3
+    if preset_ids is None:
+        prebuilds = _prebuild_rows()  # query 2
+        preset_rows = _preset_rows({row["preset_id"] for row in prebuilds})  # query 3
+    else:
+        prebuilds = _prebuild_rows_of(preset_ids)  # queries 2a and 2
+        wanted = set(preset_ids)
+        # Query 3 as it is (presets are few, prebuilds many), then only the wanted ones.
+        scope = _preset_rows({row["preset_id"] for row in prebuilds})
+        preset_rows = [row for row in scope if row["id"] in wanted]
     preset_ids = [row["id"] for row in preset_rows]
     schedules = _schedules(preset_ids)  # query 4
     history = _build_history(preset_ids, now=now)  # query 5
@@ -199,6 +212,31 @@ SELECT l.workspace_id, l.preset_id, l.transition, l.job_id, l.job_status, l.crea
 
 def _prebuild_rows() -> list[dict[str, Any]]:
     return _fetch(_PREBUILDS_SQL, {"system_user": SYSTEM_USER_ID})
+
+
+# Query 2 for some presets only. The live system-owned workspaces that ever had a build of
+# them (query 2a, the build's preset index) go into query 2 as a literal list: a condition on
+# the DISTINCT ON column is pushed down into `latest` (a subquery's condition would not be), so
+# only their builds are read; then their latest build must be of one of the presets.
+_PRESET_WORKSPACES_SQL = """
+SELECT DISTINCT b.workspace_id
+  FROM workspaces_workspacebuild b
+  JOIN workspaces_workspace w ON w.id = b.workspace_id
+ WHERE b.preset_id = ANY(%(preset_ids)s::uuid[])
+   AND w.owner_id = %(system_user)s AND NOT w.deleted
+"""
+_PRESET_PREBUILDS_SQL = f"""
+SELECT * FROM ({_PREBUILDS_SQL}) prebuilds
+ WHERE workspace_id = ANY(%(workspace_ids)s::uuid[]) AND preset_id = ANY(%(preset_ids)s::uuid[])
+"""
+
+
+def _prebuild_rows_of(preset_ids: Collection[UUID]) -> list[dict[str, Any]]:
+    params = {"system_user": SYSTEM_USER_ID, "preset_ids": list(preset_ids)}
+    workspace_ids = [row["workspace_id"] for row in _fetch(_PRESET_WORKSPACES_SQL, params)]
+    if not workspace_ids:
+        return []
+    return _fetch(_PRESET_PREBUILDS_SQL, {**params, "workspace_ids": workspace_ids})
 
 
 # Query 3: the presets in scope with the names of their version, template and organization.

@@ -78,8 +78,11 @@ def _no_content() -> HttpResponse:
 # The overview
 
 
-def _overview_context(notice: tuple[str, str] | None = None) -> dict:
-    return {"board": dashboard.overview(), "notice": notice}
+def _overview_context(notice: tuple[str, str] | None = None, *, fresh: bool = False) -> dict:
+    """The overview shared by this process's viewers, or (`fresh`: a control's answer) one
+    computed after the control and shared from then on, so the operator sees their action."""
+    board = dashboard.overview_fresh() if fresh else dashboard.overview_shared()
+    return {"board": board, "notice": notice}
 
 
 @staff_required
@@ -89,7 +92,8 @@ def overview(request: HttpRequest) -> HttpResponse:
 
     To HTMX: with `layout`/`known` (the page's poll, every 3 s while the tab is visible) only
     the pieces that changed, as out-of-band swaps, or 204 when nothing did (see
-    `prebuilds.dashboard`); otherwise the `overview-live` fragment.
+    `prebuilds.dashboard`); otherwise the `overview-live` fragment. All from the overview
+    shared by this process's viewers (about a second old at most): a page costs its rendering.
     """
     context = _overview_context()
     template_name = "prebuilds/overview.html"
@@ -111,9 +115,9 @@ def overview(request: HttpRequest) -> HttpResponse:
 def _overview_answer(request: HttpRequest, level: str, text: str) -> HttpResponse:
     """After a global control: the live fragment to HTMX, a redirect with a message otherwise."""
     if request.htmx:
-        return render(
-            request, "prebuilds/overview.html#overview-live", _overview_context((level, text))
-        )
+        context = _overview_context((level, text), fresh=True)
+        return render(request, "prebuilds/overview.html#overview-live", context)
+    dashboard.overview_fresh()  # shared: the page the redirect lands on shows the action
     messages.add_message(request, messages.ERROR if level == "error" else messages.SUCCESS, text)
     return redirect("prebuilds:overview")
 
@@ -166,15 +170,15 @@ def _preset_context(
     notice: tuple[str, str] | None = None,
     full: bool = True,
 ) -> dict:
-    board = dashboard.overview()
-    row = dashboard.preset_row(board, preset.id)
-    prebuilds = dashboard.preset_prebuilds(preset, now=board.computed_at)
+    pool = dashboard.preset_pool(preset.id)
+    row = pool.row
+    prebuilds = dashboard.preset_prebuilds(preset, now=pool.computed_at)
     context = {
         "preset": preset,
         "version": preset.template_version,
         "template": preset.template_version.template,
         "row": row,
-        "paused": board.paused,
+        "paused": pool.paused,
         "prebuilds": prebuilds,
         "state_version": dashboard.version_of(
             row.version if row else None,
@@ -197,7 +201,7 @@ def _preset_context(
     }
     if full:
         context.update(
-            chart=dashboard.preset_chart(preset.id, now=board.computed_at),
+            chart=dashboard.preset_chart(preset.id, now=pool.computed_at),
             claims=dashboard.preset_claims(preset),
             failures=dashboard.preset_failures(preset),
         )

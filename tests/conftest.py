@@ -44,6 +44,17 @@ def _system_rows(request):
     system_rows_ensure()
 
 
+@pytest.fixture(autouse=True)
+def _no_shared_overview():
+    """Each test starts without the dashboard's shared overview (prebuilds.dashboard), which a
+    web process keeps for a second: a board computed by one test must not answer another's."""
+    from prebuilds import dashboard
+
+    dashboard.overview_forget()
+    yield
+    dashboard.overview_forget()
+
+
 @pytest.fixture(scope="session")
 def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix):
     """One test database per pytest run (``test_<name>_<pid>``).

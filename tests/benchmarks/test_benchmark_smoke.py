@@ -84,3 +84,30 @@ def test_ready_cold_and_claimed_with_real_processes():
     assert results["claim_ready_samples"] == 1
     assert results["cold_ready_samples"] == 1
     assert not _bench_processes()
+
+
+@pytest.mark.slow
+def test_mixed_load_runs_the_whole_system_and_answers_its_keys():
+    from benchmarks import mixed
+
+    results = mixed.measure(
+        pool=4, claim_seconds=1.0, rate=2.0, burst=2, ready_timeout=60, interval=2.0
+    )
+
+    assert results["mixed_claims"] == 4
+    assert results["mixed_errors"] == 0
+    assert results["mixed_pool_size"] == 4
+    hits = results["mixed_claims"] - results["mixed_missed"]
+    assert hits >= 1  # the claims start once a prebuild is ready
+    assert results["mixed_claim_ready_samples"] == hits
+    assert results["mixed_claim_ready_timeouts"] == 0
+    for key in (
+        "mixed_claim_ready_p50_ms",
+        "mixed_claim_ready_p99_ms",
+        "mixed_reconcile_gap_max_s",
+    ):
+        assert _number(results[key]), key
+    assert results["mixed_refill_start_samples"] == hits  # the passes replaced every claim
+    assert results["mixed_refill_pending"] == 0
+    assert results["mixed_metrics_scrape_errors"] == 0
+    assert not _bench_processes()

@@ -7,6 +7,7 @@ import uuid
 from datetime import timedelta
 
 import pytest
+import time_machine
 from django.utils import timezone
 
 from accounts.models import SYSTEM_USER_ID
@@ -36,9 +37,10 @@ pytestmark = pytest.mark.django_db
 HX = {"HX-Request": "true"}
 UNKNOWN = uuid.UUID("00000000-0000-4000-8000-000000000000")
 # Queries a page or fragment may cost, the same at 10 presets and at 300: session and user (2),
-# the dry-run snapshot (5), workspace names, last pass, audit list (3); the preset page adds the
-# preset, its prebuilds with builds and agents (3), chart, claims, failures.
-OVERVIEW_QUERIES = 10
+# whether a pass holds the lock (1), the dry-run snapshot (5), workspace names, last pass, audit
+# list (3); the preset page adds the preset, its prebuilds with builds and agents (3), chart,
+# claims, failures.
+OVERVIEW_QUERIES = 11
 PRESET_QUERIES = 17
 STAFF_PAGE_QUERIES = {"/prebuilds/workspaces/": 8, "/prebuilds/jobs/": 4}
 
@@ -470,6 +472,114 @@ def test_it_renders_staff_pages_in_constant_queries(
         response = staff_client.get(url, filters if "workspaces" in url else {})
 
     assert response.status_code == 200
+
+
+# -- what a poll costs: the shared overview, one preset for the preset page ------------------
+
+NOW = timezone.datetime(2026, 3, 2, 10, 0, tzinfo=timezone.get_fixed_timezone(0))
+# A preset poll: session and user, the preset (3), whether a pass holds the lock (1), the
+# preset's snapshot (at most 6), names of prebuilds to delete (1), its prebuilds with builds
+# and agents (3).
+PRESET_POLL_QUERIES = 14
+
+
+def page_versions(response) -> dict[str, str]:
+    """What the page's poll sends (static/js/warmstart.js): the layout and every version."""
+    body = body_of(response)
+    return {
+        "layout": re.search(r'data-layout="(\w+)"', body).group(1),
+        "known": ".".join(re.findall(r'data-version="(\w+)"', body)),
+    }
+
+
+def test_it_answers_an_unchanged_poll_without_reading_the_pools(
+    staff_client, preset, django_assert_num_queries
+):
+    prebuild(preset)
+    with time_machine.travel(NOW, tick=False):
+        versions = page_versions(staff_client.get("/prebuilds/", headers=HX))
+
+        with django_assert_num_queries(2):  # the session and its user, nothing else
+            response = staff_client.get("/prebuilds/", versions, headers=HX)
+
+    assert response.status_code == 204
+
+
+def test_it_shows_a_change_once_the_shared_overview_is_older_than_its_max_age(staff_client, preset):
+    prebuild(preset)
+    with time_machine.travel(NOW, tick=False) as traveller:
+        versions = page_versions(staff_client.get("/prebuilds/", headers=HX))
+        TemplateVersionPreset.objects.filter(id=preset.id).update(desired_instances=5)
+
+        within = staff_client.get("/prebuilds/", versions, headers=HX)
+        traveller.shift(dashboard.OVERVIEW_MAX_AGE + timedelta(milliseconds=1))
+        after = staff_client.get("/prebuilds/", versions, headers=HX)
+
+    assert within.status_code == 204  # the shared overview is at most OVERVIEW_MAX_AGE old
+    assert after.status_code == 200
+    assert cell(body_of(after), preset.id, "desired") == "5"
+
+
+def test_it_shows_an_operators_own_control_at_the_next_poll(staff_client, preset):
+    with time_machine.travel(NOW, tick=False):
+        versions = page_versions(staff_client.get("/prebuilds/", headers=HX))
+        staff_client.post("/prebuilds/pause", {"paused": "true"}, headers=HX)
+
+        body = body_of(staff_client.get("/prebuilds/", versions, headers=HX))
+
+    assert '<section id="reconciler"' in body and "Resume reconciliation" in body
+
+
+def test_it_serves_page_loads_from_the_shared_overview(
+    staff_client, preset, django_assert_num_queries
+):
+    prebuild(preset)
+    with time_machine.travel(NOW, tick=False):
+        staff_client.get("/prebuilds/")
+
+        with django_assert_num_queries(2):  # the session and its user: the page costs rendering
+            response = staff_client.get("/prebuilds/")
+
+    assert cell(body_of(response), preset.id, "actual") == "1"
+
+
+def test_it_lands_a_control_without_javascript_on_a_page_that_shows_it(staff_client, preset):
+    with time_machine.travel(NOW, tick=False):
+        staff_client.get("/prebuilds/")  # the shared overview: not paused
+        staff_client.post("/prebuilds/pause", {"paused": "true"})
+
+        body = body_of(staff_client.get("/prebuilds/"))
+
+    assert "Resume reconciliation" in body
+
+
+def test_the_preset_page_shows_the_row_the_overview_shows():
+    presets = pools(10)
+    with time_machine.travel(NOW, tick=False):
+        board = dashboard.overview()
+        for preset in presets:
+            pool = dashboard.preset_pool(preset.id)
+
+            assert pool.row == dashboard.preset_row(board, preset.id), preset.name
+            assert pool.paused == board.paused
+
+
+@pytest.mark.parametrize("count", [10, 300])
+def test_it_answers_the_preset_poll_reading_that_preset_alone(
+    staff_client, count, django_assert_num_queries
+):
+    preset = pools(count)[0]  # invalidated, with a running and a pending prebuild
+    url = f"/prebuilds/presets/{preset.id}/"
+    headers = {**HX, "HX-Target": "preset-state"}
+
+    with django_assert_num_queries(PRESET_POLL_QUERIES) as captured:
+        response = staff_client.get(url, {"v": "stale"}, headers=headers)
+
+    assert response.status_code == 200
+    assert "delete 1 expired" in body_of(response)
+    # The snapshot's prebuild query is the one limited to this preset's workspaces.
+    snapshot_sql = [q["sql"] for q in captured.captured_queries if "WITH latest AS" in q["sql"]]
+    assert len(snapshot_sql) == 1 and "workspace_id = ANY(" in snapshot_sql[0]
 
 
 # -- global controls ------------------------------------------------------------------------

@@ -113,3 +113,29 @@ def test_a_claim_racing_a_delete_never_loses_the_claimed_workspace():
 
     # Both sides won some of the races, or the test proved nothing.
     assert claimed_total > 0 and deleted_total > 0
+
+
+def test_dry_runs_never_make_a_pass_skip():
+    # Dashboards run dry runs all the time; one that took the lock to see whether it was free
+    # made a pass that tried in that instant skip. Dry runs in a loop race real passes here.
+    PresetFactory(desired_instances=0)
+    stop = threading.Event()
+
+    def dry_runs() -> int:
+        count = 0
+        while not stop.is_set():
+            assert reconcile(dry_run=True).lock_acquired in (True, False)
+            count += 1
+        return count
+
+    def passes() -> list[bool]:
+        try:
+            return [reconcile().lock_acquired for _ in range(60)]
+        finally:
+            stop.set()
+
+    results = run_threads([dry_runs, dry_runs, passes])
+
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    assert results[0] > 0 and results[1] > 0
+    assert all(results[2]), f"{results[2].count(False)} of 60 passes skipped"

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -279,3 +280,52 @@ def test_it_reads_the_snapshot_in_a_fixed_number_of_queries(presets, django_asse
     assert len(snapshot.presets) == presets
     assert all(len(entry.snapshot.running) == 1 for entry in snapshot.presets)
     assert all(entry.snapshot.backoff.num_failed == 1 for entry in snapshot.presets)
+
+
+# -- a snapshot of some presets only (a pool's page) ----------------------------------------
+
+
+def _normalized(entry):
+    """The entry with its order-free parts sorted (rows come in no particular order)."""
+    snapshot = replace(entry.snapshot, running=tuple(sorted(entry.snapshot.running, key=str)))
+    return replace(entry, snapshot=snapshot, pending_job_ids=tuple(sorted(entry.pending_job_ids)))
+
+
+def test_a_snapshot_of_one_preset_holds_the_entry_the_whole_snapshot_holds():
+    _populate(3)
+    version = TemplateFactory().active_version
+    busy = PresetFactory(template_version=version, desired_instances=4)
+    prebuild(busy)
+    prebuild(busy, ready=False)
+    prebuild(busy, status=JobStatus.PENDING)
+    prebuild(busy, transition="delete", status=JobStatus.RUNNING)
+    fail_build(prebuild(busy), timezone.now())
+    moved = PresetFactory(template_version=version, desired_instances=1, name="moved")
+    workspace = prebuild(busy)  # its latest build is `moved`'s: it counts there only
+    BuildFactory(
+        workspace=workspace, preset=moved, initiator=workspace.owner, template_version=version
+    )
+    declared = PresetFactory(desired_instances=0)
+    undeclared = PresetFactory(desired_instances=None)
+    whole = {entry.id: _normalized(entry) for entry in reconciliation_snapshot().presets}
+
+    for preset in (busy, moved, declared, undeclared):
+        alone = reconciliation_snapshot(preset_ids=[preset.id]).presets
+        expected = [whole[preset.id]] if preset.id in whole else []
+        assert [_normalized(entry) for entry in alone] == expected, preset.name
+    assert len(whole[busy.id].snapshot.running) == 2
+    assert [info.id for info in whole[moved.id].snapshot.running] == [workspace.id]
+
+
+@pytest.mark.parametrize("presets", [1, 200])
+def test_it_reads_one_presets_snapshot_in_a_fixed_number_of_queries(
+    presets, django_assert_max_num_queries
+):
+    _populate(presets)
+    preset = TemplateVersionPreset.objects.order_by("id").first()
+
+    with django_assert_max_num_queries(6):
+        snapshot = reconciliation_snapshot(preset_ids=[preset.id])
+
+    assert [entry.id for entry in snapshot.presets] == [preset.id]
+    assert len(snapshot.presets[0].snapshot.running) == 1
