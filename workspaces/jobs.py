@@ -325,6 +325,7 @@ def prebuild_stop_processes_later(job_ids: list[UUID]) -> int:
         WorkspaceBuild.objects.filter(
             job_id__in=job_ids,
             job__status=JobStatus.FAILED,
+            workspace__owner_id=SYSTEM_USER_ID,
             reason=BuildReason.PREBUILD,
             transition=Transition.START,
             is_claim=False,
@@ -576,7 +577,7 @@ def job_execute(job_id: UUID, *, worker: str) -> ProvisionerJob | None:
             _stop_failed_prebuild(build, provisioner, sink.line)
         heartbeat.stop()
     try:
-        sink.flush()
+        _flush_retrying(sink)
         job = _complete_retrying(
             job_id, worker=worker, succeeded=succeeded, error=error, failure_kind=kind
         )
@@ -668,6 +669,22 @@ def _await_agents(
                 f"check that they can reach the control plane at {request.access_url}"
             )
         time.sleep(AGENT_POLL_INTERVAL)
+
+
+def _flush_retrying(sink: _LogSink) -> None:
+    # After a database error this thread's connection may be dead (a restarted server, a cut
+    # connection): reconnect once rather than let the error escape, which would leave the job
+    # running until the stale sweep. The last lines are lost only if the database is still gone.
+    try:
+        sink.flush()
+    except Exception:
+        logger.warning("job_log_flush_failed job=%s; reconnecting", sink.job_id)
+        connection.close()
+        try:
+            sink.flush()
+        except Exception:
+            logger.exception("job_log_flush_failed job=%s; lines lost", sink.job_id)
+            connection.close()
 
 
 def _complete_retrying(
