@@ -14,7 +14,7 @@ from tests.workspaces.factories import (
     WorkspaceFactory,
     prebuild,
 )
-from workspaces.models import JobStatus, PresetSchedule
+from workspaces.models import JobStatus, PresetSchedule, ProvisionerJob
 
 pytestmark = pytest.mark.django_db
 
@@ -269,3 +269,17 @@ def test_forget_worker_host_needs_the_change_permission(client, rows):
     workspace.refresh_from_db()
     assert "forget_host" not in page
     assert workspace.host_queue == "host.elsewhere"
+
+
+def test_the_job_list_filters_failures_by_kind(staff_client):
+    lost = BuildFactory(job__status=JobStatus.FAILED).job
+    broken = BuildFactory(job__status=JobStatus.FAILED).job
+    ProvisionerJob.objects.filter(id=lost.id).update(failure_kind="infrastructure")
+    ProvisionerJob.objects.filter(id=broken.id).update(failure_kind="template")
+
+    response = staff_client.get("/admin/workspaces/provisionerjob/?failure_kind=infrastructure")
+
+    body = response.content.decode()
+    assert response.status_code == 200
+    assert str(lost.id) in body and str(broken.id) not in body
+    assert "Infrastructure" in body
