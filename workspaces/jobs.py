@@ -314,14 +314,31 @@ def prebuild_stop_processes_later(job_ids: list[UUID]) -> int:
 
     The message goes to the workspace's host queue, recorded before any process was started
     (``job_prepare``): only a worker on that host can see the processes. If no worker ever
-    serves that queue the message waits there, which is harmless. Never raises: a broker
-    outage leaves the processes running, as they were before this existed.
+    serves that queue the message waits there, which is harmless. Never raises: a database or
+    broker outage leaves the processes running (logged), as they were before this existed.
     """
     if not job_ids:
         return 0
     from config.celery import app
 
-    targets = (
+    try:
+        targets = list(_stop_targets(job_ids))
+    except Exception:  # the database may be what failed (an interrupted worker's last act)
+        logger.exception("prebuild_stop_lookup_failed jobs=%d", len(job_ids))
+        return 0
+    sent = 0
+    for job_id, queue in targets:
+        try:
+            app.send_task(STOP_FAILED_PREBUILD_TASK, args=[str(job_id)], queue=queue)
+            sent += 1
+        except Exception:  # the broker may be down; the processes stay, nothing else is hurt
+            logger.exception("prebuild_stop_enqueue_failed job=%s queue=%s", job_id, queue)
+    return sent
+
+
+def _stop_targets(job_ids: list[UUID]) -> QuerySet:
+    """``(job id, host queue)`` of the failed local prebuild start builds among ``job_ids``."""
+    return (
         WorkspaceBuild.objects.filter(
             job_id__in=job_ids,
             job__status=JobStatus.FAILED,
@@ -334,14 +351,6 @@ def prebuild_stop_processes_later(job_ids: list[UUID]) -> int:
         .exclude(workspace__host_queue="")
         .values_list("job_id", "workspace__host_queue")
     )
-    sent = 0
-    for job_id, queue in targets:
-        try:
-            app.send_task(STOP_FAILED_PREBUILD_TASK, args=[str(job_id)], queue=queue)
-            sent += 1
-        except Exception:  # the broker may be down; the processes stay, nothing else is hurt
-            logger.exception("prebuild_stop_enqueue_failed job=%s queue=%s", job_id, queue)
-    return sent
 
 
 def prebuild_stop_processes(job_id: UUID) -> bool:

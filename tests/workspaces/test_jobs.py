@@ -59,7 +59,7 @@ from workspaces.models import (
     WorkspaceAgent,
     WorkspaceBuild,
 )
-from workspaces.provisioners import ProvisionAborted, ProvisionError
+from workspaces.provisioners import LocalProvisioner, ProvisionAborted, ProvisionError
 from workspaces.services import build_create
 
 STALE_LINE = "Worker stopped sending heartbeats"
@@ -450,6 +450,33 @@ class TestExecution:
         assert job.failure_kind == FailureKind.INFRASTRUCTURE, job.error
         assert "Error" in job.error  # the database error's type and message
         assert result[0].failure_kind == FailureKind.INFRASTRUCTURE
+
+    def test_an_interrupted_worker_fails_a_prebuild_start_as_infrastructure_and_queues_the_stop(
+        self, fast, monkeypatch
+    ):
+        # SystemExit reaches the job when a worker is told to stop at once (cold shutdown).
+        def interrupted(self, request, log, should_abort):
+            raise SystemExit(1)
+
+        monkeypatch.setattr(LocalProvisioner, "apply", interrupted)
+        build = _prebuild_start()
+        client = _broker()
+        client.delete(routing.host_queue())
+        try:
+            with pytest.raises(SystemExit):
+                job_execute(build.job_id, worker="w")
+
+            job = ProvisionerJob.objects.get(id=build.job_id)
+            assert (job.status, job.failure_kind) == (
+                JobStatus.FAILED,
+                FailureKind.INFRASTRUCTURE,
+            )
+            assert job.error == "The worker was interrupted (SystemExit)."
+            assert _queued_tasks(client, routing.host_queue()) == [
+                (jobs.STOP_FAILED_PREBUILD_TASK, str(build.job_id))
+            ]
+        finally:
+            client.delete(routing.host_queue())
 
     def test_a_job_that_is_not_pending_is_left_alone(self, fast, tmp_path):
         marker = tmp_path / "ran"
