@@ -300,6 +300,10 @@ def _decide(entry: PresetEntry, now: datetime) -> PresetResult:
         if problem is not None:
             status, reason = PrebuildStatus.VALIDATION_FAILED, problem
         elif entry.failure_streak:
+            # Template failures only (the snapshot leaves infrastructure failures out of the
+            # streak and the back-off): a prebuild lost to a dead worker or a database outage
+            # is not running, so this pass simply creates its replacement. That cannot spin:
+            # replacements count as `starting` while they build (README "Reliability").
             limit = settings.PREBUILDS_FAILURE_HARD_LIMIT
             status = PrebuildStatus.HARD_LIMITED
             reason = f"the last {limit} prebuild builds failed (template failures)"
