@@ -145,6 +145,14 @@ class PresetRow:
     expired: int
     extraneous: int
     actions: tuple[ActionText, ...]
+    # Failed prebuild builds in the back-off look-back window by kind, and the newest failure
+    # (kind "" when there is none): an operator must see whether a template or the machinery
+    # failed (only template failures hold a pool back).
+    failures_template: int = 0
+    failures_infrastructure: int = 0
+    last_failure_kind: str = ""
+    last_failure_error: str = ""
+    last_failure_at: datetime | None = None
 
     @property
     def dom_id(self) -> str:
@@ -422,6 +430,11 @@ def _preset_row(
         expired=state.expired,
         extraneous=state.extraneous,
         actions=actions,
+        failures_template=entry.failures.template,
+        failures_infrastructure=entry.failures.infrastructure,
+        last_failure_kind=entry.failures.last.kind if entry.failures.last else "",
+        last_failure_error=entry.failures.last.error if entry.failures.last else "",
+        last_failure_at=entry.failures.last.at if entry.failures.last else None,
     )
 
 

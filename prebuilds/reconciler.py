@@ -116,6 +116,17 @@ class StateDocument(TypedDict):
     deleting: int
 
 
+class FailuresDocument(TypedDict):
+    template: int
+    infrastructure: int
+
+
+class LastFailureDocument(TypedDict):
+    kind: Literal["template", "infrastructure"]
+    error: str
+    at: str
+
+
 class PresetDocument(TypedDict):
     preset_id: str
     template_id: str
@@ -128,6 +139,11 @@ class PresetDocument(TypedDict):
     status: Literal["healthy", "hard_limited", "validation_failed"]
     state: StateDocument
     actions: list[dict[str, object]]
+    # Added to DESIGN.md §8's keys: failed prebuild start builds in the back-off look-back
+    # window by kind (only `template` ones count towards back-off and the hard limit), and
+    # the newest failure whatever its age (null: none).
+    failures: FailuresDocument
+    last_failure: LastFailureDocument | None
 
 
 class PassDocument(TypedDict):
@@ -309,9 +325,13 @@ def _decide(entry: PresetEntry, now: datetime) -> PresetResult:
         if problem is not None:
             status, reason = PrebuildStatus.VALIDATION_FAILED, problem
         elif entry.failure_streak:
+            # Template failures only (the snapshot leaves infrastructure failures out of the
+            # streak and the back-off): a prebuild lost to a dead worker or a database outage
+            # is not running, so this pass simply creates its replacement. That cannot spin:
+            # replacements count as `starting` while they build (README "Reliability").
             limit = settings.PREBUILDS_FAILURE_HARD_LIMIT
             status = PrebuildStatus.HARD_LIMITED
-            reason = f"the last {limit} prebuild builds failed"
+            reason = f"the last {limit} prebuild builds failed (template failures)"
     snapshot = replace(entry.snapshot, hard_limited=status == PrebuildStatus.HARD_LIMITED)
     state = calculate_state(snapshot, now)
     if status == PrebuildStatus.VALIDATION_FAILED and entry.active:
@@ -569,7 +589,19 @@ def _preset_document(result: PresetResult) -> PresetDocument:
             "deleting": state.deleting,
         },
         "actions": [action_document(action) for action in result.actions],
+        "failures": {
+            "template": entry.failures.template,
+            "infrastructure": entry.failures.infrastructure,
+        },
+        "last_failure": _last_failure_document(entry),
     }
+
+
+def _last_failure_document(entry: PresetEntry) -> LastFailureDocument | None:
+    last = entry.failures.last
+    if last is None:
+        return None
+    return {"kind": last.kind, "error": last.error, "at": last.at.isoformat()}  # type: ignore[typeddict-item]
 
 
 def action_document(action: ReconciliationActions) -> dict[str, object]:

@@ -37,6 +37,26 @@ from workspaces.selectors import parse_uuid
 
 
 @dataclass(frozen=True)
+class LastFailure:
+    """The newest failed prebuild start build of a preset: its kind (`FailureKind`), error and
+    completion time."""
+
+    kind: str
+    error: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class FailureSummary:
+    """A preset's failed prebuild start builds inside the back-off look-back window, by kind
+    (only `template` ones count towards back-off), and its newest failure whatever its age."""
+
+    template: int = 0
+    infrastructure: int = 0
+    last: LastFailure | None = None
+
+
+@dataclass(frozen=True)
 class PresetEntry:
     """One preset as a pass sees it: names for humans, facts for the executor, the core's input.
 
@@ -61,6 +81,7 @@ class PresetEntry:
     # The last PREBUILDS_FAILURE_HARD_LIMIT prebuild start builds (since the preset's last
     # status change, so an operator reset starts a fresh count) all failed.
     failure_streak: bool = False
+    failures: FailureSummary = field(default_factory=FailureSummary)
 
     @property
     def id(self) -> UUID:
@@ -288,16 +309,24 @@ def _schedules(preset_ids: Sequence[UUID]) -> dict[UUID, tuple[PrebuildSchedule,
 
 # Query 5: the history of prebuild creations, per preset, in one pass over the preset's
 # prebuild start builds (initiator the system user, reason `prebuild`; the preset index):
-# - backoff: failed ones whose job completed inside the look-back window, and the newest
-#   completion among them;
+# - backoff: *template* failures whose job completed inside the look-back window, and the
+#   newest completion among them;
 # - hard limit: a window function numbers the builds newest first, separately for the builds
 #   made after the preset's last status change (an operator reset starts a fresh streak), and
-#   the streak holds when the newest `hard_limit` of those exist and all failed.
+#   the streak holds when the newest `hard_limit` of those exist and all failed;
+# - infrastructure failures (`failure_kind`, a lost worker, a database outage) say nothing
+#   about the template: they are numbered apart (their own window partition), so they neither
+#   count towards back-off or the streak nor break a streak of template failures; they are
+#   only counted, for the status document. A failed job without a kind counts as `template`;
+# - the newest failure of any kind, with its error, numbered newest first among the failures.
 # Builds are counted whatever became of their workspace since (claimed, deleted): a prebuild
 # that succeeded and was claimed still broke a failure streak.
 _HISTORY_SQL = """
 WITH builds AS (
     SELECT b.id, b.preset_id, b.created_at, j.status, j.completed_at,
+           COALESCE(NULLIF(j.failure_kind, ''), 'template') AS kind,
+           LEFT(j.error, 500) AS error,
+           (j.status = 'failed' AND j.failure_kind = 'infrastructure') AS infrastructure,
            (p.prebuild_status_changed_at IS NULL
             OR b.created_at > p.prebuild_status_changed_at) AS since_change
       FROM workspaces_workspacebuild b
@@ -309,18 +338,26 @@ WITH builds AS (
        AND b.transition = 'start'
 ), ranked AS (
     SELECT builds.*,
-           ROW_NUMBER() OVER (PARTITION BY preset_id, since_change
-                              ORDER BY created_at DESC, id DESC) AS rn
+           ROW_NUMBER() OVER (PARTITION BY preset_id, since_change, infrastructure
+                              ORDER BY created_at DESC, id DESC) AS rn,
+           ROW_NUMBER() OVER (PARTITION BY preset_id, status = 'failed'
+                              ORDER BY completed_at DESC, id DESC) AS failed_rn
       FROM builds
 )
 SELECT preset_id,
-       COUNT(*) FILTER (WHERE status = 'failed' AND completed_at >= %(lookback_start)s)
-           AS num_failed,
-       MAX(completed_at) FILTER (WHERE status = 'failed' AND completed_at >= %(lookback_start)s)
-           AS last_failed_at,
-       COUNT(*) FILTER (WHERE since_change AND rn <= %(hard_limit)s) AS recent,
-       COUNT(*) FILTER (WHERE since_change AND rn <= %(hard_limit)s AND status = 'failed')
-           AS recent_failed
+       COUNT(*) FILTER (WHERE status = 'failed' AND NOT infrastructure
+                          AND completed_at >= %(lookback_start)s) AS num_failed,
+       MAX(completed_at) FILTER (WHERE status = 'failed' AND NOT infrastructure
+                                   AND completed_at >= %(lookback_start)s) AS last_failed_at,
+       COUNT(*) FILTER (WHERE infrastructure AND completed_at >= %(lookback_start)s)
+           AS num_infrastructure_failed,
+       COUNT(*) FILTER (WHERE since_change AND NOT infrastructure AND rn <= %(hard_limit)s)
+           AS recent,
+       COUNT(*) FILTER (WHERE since_change AND NOT infrastructure AND rn <= %(hard_limit)s
+                          AND status = 'failed') AS recent_failed,
+       MAX(kind) FILTER (WHERE status = 'failed' AND failed_rn = 1) AS last_failure_kind,
+       MAX(error) FILTER (WHERE status = 'failed' AND failed_rn = 1) AS last_failure_error,
+       MAX(completed_at) FILTER (WHERE status = 'failed' AND failed_rn = 1) AS last_failure_at
   FROM ranked
  GROUP BY preset_id
 """
@@ -330,6 +367,7 @@ SELECT preset_id,
 class _History:
     backoff: Backoff | None
     failure_streak: bool
+    failures: FailureSummary = field(default_factory=FailureSummary)
 
 
 def _build_history(preset_ids: Sequence[UUID], *, now: datetime) -> dict[UUID, _History]:
@@ -350,7 +388,21 @@ def _build_history(preset_ids: Sequence[UUID], *, now: datetime) -> dict[UUID, _
         if row["num_failed"] and row["last_failed_at"] is not None:
             backoff = Backoff(num_failed=row["num_failed"], last_build_at=row["last_failed_at"])
         streak = hard_limit > 0 and row["recent"] == hard_limit == row["recent_failed"]
-        result[row["preset_id"]] = _History(backoff=backoff, failure_streak=streak)
+        last = None
+        if row["last_failure_at"] is not None:
+            last = LastFailure(
+                kind=row["last_failure_kind"],
+                error=row["last_failure_error"] or "",
+                at=row["last_failure_at"],
+            )
+        failures = FailureSummary(
+            template=row["num_failed"],
+            infrastructure=row["num_infrastructure_failed"],
+            last=last,
+        )
+        result[row["preset_id"]] = _History(
+            backoff=backoff, failure_streak=streak, failures=failures
+        )
     return result
 
 
@@ -418,6 +470,7 @@ def _entry(
         organization=row["organization"],
         pending_job_ids=tuple(pending_job_ids),
         failure_streak=facts.failure_streak,
+        failures=facts.failures,
     )
 
 

@@ -329,8 +329,17 @@ class WorkspaceBuildAdmin(ReadOnlyAdmin):
 
 @admin.register(ProvisionerJob)
 class ProvisionerJobAdmin(ReadOnlyAdmin):
-    list_display = ("id", "status", "queue", "worker", "created_at", "started_at", "completed_at")
-    list_filter = ("status", "queue", "organization")
+    list_display = (
+        "id",
+        "status",
+        "failure_kind",
+        "queue",
+        "worker",
+        "created_at",
+        "started_at",
+        "completed_at",
+    )
+    list_filter = ("status", "failure_kind", "queue", "organization")
     search_fields = ("id", "worker", "build__workspace__name")
     date_hierarchy = "created_at"
     actions = ["cancel_job"]

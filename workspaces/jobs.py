@@ -9,6 +9,11 @@ job failed by the stale-heartbeat sweep cannot be resurrected by a worker that w
 Execution (``job_execute``, called by the Celery task ``workspaces.run_provisioner_job``) runs a
 provisioner for the job's build while a background thread heartbeats; the completion and its
 side effects on the workspace (host queue, agents, deletion) commit in one transaction.
+
+Every failed job records its ``failure_kind`` (``failure_kind_of``): ``template`` when the
+template itself failed (provisioner error, failing startup script), ``infrastructure`` when the
+machinery did (lost worker, unserved host queue, database or broker error, interrupted worker).
+Only template failures count towards a preset's back-off and hard limit.
 """
 
 from __future__ import annotations
@@ -21,15 +26,21 @@ from collections.abc import Callable
 from datetime import timedelta
 from uuid import UUID
 
+import kombu.exceptions
+import psycopg
+import redis.exceptions
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.db.models import F, QuerySet, Value
 from django.db.models.functions import Concat
 from django.utils import timezone
 
+from accounts.models import SYSTEM_USER_ID
 from workspaces import provisioners, routing
 from workspaces.models import (
     AgentLifecycle,
+    BuildReason,
+    FailureKind,
     JobStatus,
     Provisioner,
     ProvisionerJob,
@@ -43,6 +54,7 @@ from workspaces.provisioners import AgentSpec, ProvisionAborted, ProvisionError,
 logger = logging.getLogger(__name__)
 
 RUN_JOB_TASK = "workspaces.run_provisioner_job"
+STOP_FAILED_PREBUILD_TASK = "workspaces.stop_failed_prebuild"
 # A pending job older than this is re-enqueued by ``jobs_requeue_pending``: its broker message may
 # have been lost (broker restart, enqueue during an outage).
 REQUEUE_PENDING_AFTER = timedelta(seconds=30)
@@ -99,9 +111,15 @@ def job_append_log(job_id: UUID, text: str, *, worker: str | None = None) -> boo
 
 @transaction.atomic
 def job_complete(
-    job_id: UUID, *, worker: str, succeeded: bool, error: str = ""
+    job_id: UUID,
+    *,
+    worker: str,
+    succeeded: bool,
+    error: str = "",
+    failure_kind: str = FailureKind.TEMPLATE,
 ) -> ProvisionerJob | None:
-    """Finish a job ``worker`` holds. A canceling job ends as canceled whatever the outcome.
+    """Finish a job ``worker`` holds. A canceling job ends as canceled whatever the outcome;
+    a failed one records ``failure_kind``.
 
     Returns the finished job, or None when the job was no longer ours (failed by the stale
     sweep, or never acquired), in which case nothing changes.
@@ -123,8 +141,9 @@ def job_complete(
     else:
         job.status = JobStatus.SUCCEEDED if succeeded else JobStatus.FAILED
     job.error = "" if job.status == JobStatus.SUCCEEDED else (error or job.error)
+    job.failure_kind = failure_kind if job.status == JobStatus.FAILED else ""
     job.completed_at = now
-    job.save(update_fields=["status", "error", "completed_at", "canceled_at"])
+    job.save(update_fields=["status", "error", "failure_kind", "completed_at", "canceled_at"])
     if job.status == JobStatus.SUCCEEDED:
         build = (
             WorkspaceBuild.objects.select_related("template_version").filter(job_id=job.id).first()
@@ -151,6 +170,7 @@ def job_cancel(job_id: UUID) -> str | None:
 
 def _fail_if_still(matching: QuerySet, job_id: UUID, *, error: str, log_line: str) -> bool:
     """Fail job ``job_id`` if it is still in ``matching``, appending ``log_line`` to its log.
+    Only the sweeps call it: the failure is the infrastructure's (a worker or host gone).
 
     The condition is re-checked in the UPDATE itself, so a job that moved on meanwhile (picked
     up, heartbeated, completed) is left alone, and several sweepers never fail one job twice.
@@ -158,6 +178,7 @@ def _fail_if_still(matching: QuerySet, job_id: UUID, *, error: str, log_line: st
     return bool(
         matching.filter(id=job_id).update(
             status=JobStatus.FAILED,
+            failure_kind=FailureKind.INFRASTRUCTURE,
             completed_at=timezone.now(),
             error=error,
             logs=Concat(F("logs"), Value(log_line)),
@@ -168,7 +189,9 @@ def _fail_if_still(matching: QuerySet, job_id: UUID, *, error: str, log_line: st
 def jobs_fail_stale(*, timeout: timedelta) -> list[UUID]:
     """Fail running/canceling jobs whose heartbeat is older than ``timeout`` (worker died).
 
-    Returns the ids failed. Each job gets a log line saying why.
+    Returns the ids failed. Each job gets a log line saying why and the ``infrastructure``
+    failure kind. The processes a lost prebuild start left behind are stopped on their host
+    (``prebuild_stop_processes_later``): the worker that started them is gone.
     """
     cutoff = timezone.now() - timeout
     stale = ProvisionerJob.objects.filter(
@@ -185,6 +208,7 @@ def jobs_fail_stale(*, timeout: timedelta) -> list[UUID]:
         ):
             logger.warning("job_failed_stale job=%s timeout=%s", job_id, timeout)
             failed.append(job_id)
+    prebuild_stop_processes_later(failed)
     return failed
 
 
@@ -194,8 +218,9 @@ def jobs_fail_unserved_host_jobs(*, timeout: timedelta) -> list[UUID]:
     A local workspace's later builds can only run on the host holding its processes (see
     ``workspaces.routing``). When that host is gone for good, nothing will ever consume its
     queue, and re-enqueueing the job forever would leave the build "pending" with no word of
-    why: it fails instead, saying which host never came, so an operator can act (a prebuild
-    failing this way also counts towards its preset's backoff). Returns the ids failed.
+    why: it fails instead, saying which host never came, so an operator can act. An
+    ``infrastructure`` failure: it does not count towards a preset's back-off or hard limit.
+    Returns the ids failed.
     """
     cutoff = timezone.now() - timeout
     unserved = ProvisionerJob.objects.filter(
@@ -239,6 +264,128 @@ def jobs_requeue_pending(*, older_than: timedelta = REQUEUE_PENDING_AFTER) -> li
     if pending:
         logger.info("jobs_requeued count=%d", len(pending))
     return [job_id for job_id, _ in pending]
+
+
+# --- Failure kinds and the processes of failed prebuilds -----------------------------------
+
+# Exceptions that say the machinery failed, not the template: the database or the broker was
+# unreachable or dropped the connection mid-build.
+INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
+    OperationalError,
+    InterfaceError,
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    kombu.exceptions.OperationalError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
+
+
+def failure_kind_of(exc: BaseException) -> FailureKind:
+    """The kind of failure an exception that ended a build is.
+
+    - ``ProvisionError``: the provisioner said the template failed (a command's non-zero exit,
+      a startup script's ``start_error``, agents that never became ready, an agent that could
+      not start): ``template``;
+    - a database or broker error (``INFRASTRUCTURE_ERRORS``), or the worker being interrupted
+      (``SystemExit``/``KeyboardInterrupt`` of a shutting-down worker): ``infrastructure``;
+    - anything else is a bug we cannot place: ``template``, the conservative choice, because a
+      template failure keeps the back-off and hard limit that stop a build loop.
+    """
+    if isinstance(exc, ProvisionError):
+        return FailureKind.TEMPLATE
+    if isinstance(exc, INFRASTRUCTURE_ERRORS) or not isinstance(exc, Exception):
+        return FailureKind.INFRASTRUCTURE
+    return FailureKind.TEMPLATE
+
+
+def _is_prebuild_start(build: WorkspaceBuild) -> bool:
+    """A reconciler's start build of a prebuild (what back-off and the hard limit count)."""
+    return (
+        build.reason == BuildReason.PREBUILD
+        and build.transition == Transition.START
+        and not build.is_claim
+    )
+
+
+def prebuild_stop_processes_later(job_ids: list[UUID]) -> int:
+    """Ask the host of each failed prebuild start build among ``job_ids`` to stop what the
+    build started (``prebuild_stop_processes``); answer how many were asked.
+
+    The message goes to the workspace's host queue, recorded before any process was started
+    (``job_prepare``): only a worker on that host can see the processes. If no worker ever
+    serves that queue the message waits there, which is harmless. Never raises: a database or
+    broker outage leaves the processes running (logged), as they were before this existed.
+    """
+    if not job_ids:
+        return 0
+    from config.celery import app
+
+    try:
+        targets = list(_stop_targets(job_ids))
+    except Exception:  # the database may be what failed (an interrupted worker's last act)
+        logger.exception("prebuild_stop_lookup_failed jobs=%d", len(job_ids))
+        return 0
+    sent = 0
+    for job_id, queue in targets:
+        try:
+            app.send_task(STOP_FAILED_PREBUILD_TASK, args=[str(job_id)], queue=queue)
+            sent += 1
+        except Exception:  # the broker may be down; the processes stay, nothing else is hurt
+            logger.exception("prebuild_stop_enqueue_failed job=%s queue=%s", job_id, queue)
+    return sent
+
+
+def _stop_targets(job_ids: list[UUID]) -> QuerySet:
+    """``(job id, host queue)`` of the failed local prebuild start builds among ``job_ids``."""
+    return (
+        WorkspaceBuild.objects.filter(
+            job_id__in=job_ids,
+            job__status=JobStatus.FAILED,
+            workspace__owner_id=SYSTEM_USER_ID,
+            reason=BuildReason.PREBUILD,
+            transition=Transition.START,
+            is_claim=False,
+            template_version__provisioner=Provisioner.LOCAL,
+        )
+        .exclude(workspace__host_queue="")
+        .values_list("job_id", "workspace__host_queue")
+    )
+
+
+def prebuild_stop_processes(job_id: UUID) -> bool:
+    """Stop the local processes of a prebuild whose start build (``job_id``) failed, on this
+    host, keeping the workspace, its build log and its directory as evidence; answer whether
+    it stopped anything. What it did is appended to the failed build's log.
+
+    Only while that failed build is still the latest of a live prebuild: a workspace that
+    moved on (deleted, or built again) belongs to its newer build, which manages its processes.
+    """
+    build = (
+        WorkspaceBuild.objects.select_related("template_version", "workspace")
+        .filter(job_id=job_id, job__status=JobStatus.FAILED)
+        .first()
+    )
+    if build is None or not _is_prebuild_start(build):
+        return False
+    workspace = build.workspace
+    latest = (
+        WorkspaceBuild.objects.filter(workspace_id=workspace.id)
+        .order_by("-build_number")
+        .values_list("id", flat=True)
+        .first()
+    )
+    if workspace.deleted or workspace.owner_id != SYSTEM_USER_ID or latest != build.id:
+        return False
+    lines: list[str] = []
+    provisioner = provisioners.provisioner_for(
+        build.template_version.provisioner, data_dir=settings.DATA_DIR
+    )
+    provisioner.stop_processes(str(workspace.id), lines.append)
+    report = "".join(f"{line}\n" for line in lines)
+    job_append_log(job_id, f"stopping the processes of this failed prebuild\n{report}")
+    logger.info("prebuild_processes_stopped job=%s workspace=%s", job_id, workspace.id)
+    return True
 
 
 # --- Completion side effects ---------------------------------------------------------------
@@ -374,7 +521,12 @@ def job_execute(job_id: UUID, *, worker: str) -> ProvisionerJob | None:
       ``ProvisionError`` (its message in ``error``), any other exception (its type and message
       in ``error``, the traceback's last line in the log), even ``SystemExit`` of a shutting-down
       worker. Only if the database itself is unreachable does the job stay running; its
-      heartbeat stops, and the stale sweep fails it.
+      heartbeat stops, and the stale sweep fails it. A failure records its kind
+      (``failure_kind_of``).
+    - **A failed prebuild leaves nothing running.** When a prebuild's start build fails (or is
+      canceled, or lost), the processes it started are stopped before the job completes, and
+      the build log says so; the workspace, its log and its directory stay as evidence. An
+      interrupted worker leaves that to a later worker of its host (the message is queued).
     - **Heartbeats and cancellation.** A background thread records a heartbeat every
       ``PROVISIONER_HEARTBEAT_INTERVAL`` seconds. When the answer is ``canceling`` (a user
       canceled) or None (the job is no longer ours: the sweep failed it), the provisioner is told
@@ -389,8 +541,10 @@ def job_execute(job_id: UUID, *, worker: str) -> ProvisionerJob | None:
     sink = _LogSink(job_id, worker)
     heartbeat = _Heartbeat(job_id, worker, settings.PROVISIONER_HEARTBEAT_INTERVAL)
     heartbeat.start()
-    succeeded, error = False, ""
+    succeeded, error, kind = False, "", FailureKind.TEMPLATE
     interrupted: BaseException | None = None
+    build: WorkspaceBuild | None = None
+    provisioner: provisioners.Provisioner | None = None
     try:
         build = WorkspaceBuild.objects.select_related(
             "workspace", "workspace__owner", "template_version"
@@ -416,29 +570,53 @@ def job_execute(job_id: UUID, *, worker: str) -> ProvisionerJob | None:
         succeeded = True
         sink.line(f"{build.transition} succeeded")
     except ProvisionError as exc:
-        error = str(exc)
+        error, kind = str(exc), failure_kind_of(exc)
         sink.line(f"error: {exc}")
     except Exception as exc:
         logger.exception("job_crashed job=%s worker=%s", job_id, worker)
-        error = f"{type(exc).__name__}: {exc}"
+        error, kind = f"{type(exc).__name__}: {exc}", failure_kind_of(exc)
         sink.line(traceback.format_exception_only(exc)[-1].rstrip())
     except BaseException as exc:  # SystemExit / KeyboardInterrupt of a worker shutting down
-        interrupted = exc
+        interrupted, kind = exc, failure_kind_of(exc)
         error = f"The worker was interrupted ({type(exc).__name__})."
         sink.line(error)
     finally:
+        if not succeeded and interrupted is None:
+            # While the heartbeat still runs: the stop may take a few seconds.
+            _stop_failed_prebuild(build, provisioner, sink.line)
         heartbeat.stop()
     try:
-        sink.flush()
-        job = _complete_retrying(job_id, worker=worker, succeeded=succeeded, error=error)
+        _flush_retrying(sink)
+        job = _complete_retrying(
+            job_id, worker=worker, succeeded=succeeded, error=error, failure_kind=kind
+        )
     finally:
         if interrupted is not None:
+            prebuild_stop_processes_later([job_id])
             raise interrupted
     if job is None:
         logger.warning("job_lost job=%s worker=%s (failed by the stale sweep?)", job_id, worker)
     else:
         logger.info("job_finished job=%s worker=%s status=%s", job_id, worker, job.status)
     return job
+
+
+def _stop_failed_prebuild(
+    build: WorkspaceBuild | None,
+    provisioner: provisioners.Provisioner | None,
+    log: Callable[[str], None],
+) -> None:
+    """Stop what a failed prebuild start build started; never raises (the job must still
+    complete). A user's workspace is left as it is: its owner decides what to do with it."""
+    if build is None or provisioner is None or not _is_prebuild_start(build):
+        return
+    if build.workspace.owner_id != SYSTEM_USER_ID:
+        return
+    try:
+        log("stopping the processes of this failed prebuild")
+        provisioner.stop_processes(str(build.workspace_id), log)
+    except Exception:
+        logger.exception("prebuild_stop_failed job=%s build=%s", build.job_id, build.id)
 
 
 AGENT_POLL_INTERVAL = 0.2
@@ -502,14 +680,42 @@ def _await_agents(
         time.sleep(AGENT_POLL_INTERVAL)
 
 
+def _flush_retrying(sink: _LogSink) -> None:
+    # After a database error this thread's connection may be dead (a restarted server, a cut
+    # connection): reconnect once rather than let the error escape, which would leave the job
+    # running until the stale sweep. The last lines are lost only if the database is still gone.
+    try:
+        sink.flush()
+    except Exception:
+        logger.warning("job_log_flush_failed job=%s; reconnecting", sink.job_id)
+        connection.close()
+        try:
+            sink.flush()
+        except Exception:
+            logger.exception("job_log_flush_failed job=%s; lines lost", sink.job_id)
+            connection.close()
+
+
 def _complete_retrying(
-    job_id: UUID, *, worker: str, succeeded: bool, error: str, attempts: int = 3
+    job_id: UUID,
+    *,
+    worker: str,
+    succeeded: bool,
+    error: str,
+    failure_kind: str = FailureKind.TEMPLATE,
+    attempts: int = 3,
 ) -> ProvisionerJob | None:
     # A database blip at the very end must not leave the job running until the stale sweep;
     # a few quick retries on a fresh connection cover a restarted server or a dropped socket.
     for attempt in range(1, attempts + 1):
         try:
-            return job_complete(job_id, worker=worker, succeeded=succeeded, error=error)
+            return job_complete(
+                job_id,
+                worker=worker,
+                succeeded=succeeded,
+                error=error,
+                failure_kind=failure_kind,
+            )
         except Exception:
             if attempt == attempts:
                 raise

@@ -227,6 +227,19 @@ class JobStatus(models.TextChoices):
     CANCELED = "canceled", "Canceled"
 
 
+class FailureKind(models.TextChoices):
+    """Why a failed job failed: the template's own fault, or the machinery's.
+
+    Only ``template`` failures count towards a preset's back-off and hard limit: a template
+    that fails will fail again, while a lost worker or a database outage says nothing about
+    the template (README "Reliability"). A failure we cannot place is a ``template`` one, the
+    conservative choice: it keeps the back-off that protects against a build loop.
+    """
+
+    TEMPLATE = "template", "Template"
+    INFRASTRUCTURE = "infrastructure", "Infrastructure"
+
+
 ACTIVE_JOB_STATUSES = (JobStatus.PENDING, JobStatus.RUNNING, JobStatus.CANCELING)
 FINAL_JOB_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
 
@@ -240,6 +253,8 @@ class ProvisionerJob(models.Model):
     queue = models.CharField(max_length=200, default="default")
     worker = models.CharField(max_length=200, blank=True)
     error = models.TextField(blank=True)
+    # Set on failed jobs only ("" otherwise); see ``FailureKind``.
+    failure_kind = models.CharField(max_length=16, choices=FailureKind.choices, blank=True)
     logs = models.TextField(blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -258,6 +273,11 @@ class ProvisionerJob(models.Model):
             models.CheckConstraint(
                 condition=~Q(status=JobStatus.RUNNING) | Q(started_at__isnull=False),
                 name="job_running_has_started_at",
+            ),
+            models.CheckConstraint(
+                condition=Q(failure_kind="")
+                | Q(status=JobStatus.FAILED, failure_kind__in=FailureKind.values),
+                name="job_failure_kind_valid",
             ),
         ]
         indexes = [

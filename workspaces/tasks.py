@@ -41,6 +41,18 @@ def run_provisioner_job(job_id: str) -> str | None:
     return job.status if job is not None else None
 
 
+@shared_task(name=jobs.STOP_FAILED_PREBUILD_TASK, ignore_result=True)
+def stop_failed_prebuild(job_id: str) -> bool:
+    """Stop the processes a failed prebuild start build left on this host (sent to the host's
+    own queue by ``jobs.prebuild_stop_processes_later``); answer whether it stopped anything."""
+    try:
+        parsed = UUID(str(job_id))
+    except ValueError:
+        logger.error("job_message_invalid job=%r; dropped", job_id)
+        return False
+    return jobs.prebuild_stop_processes(parsed)
+
+
 # Safe with several beat schedulers: every failure is a conditional update.
 @shared_task(name="workspaces.fail_stale_jobs", ignore_result=True)
 def fail_stale_jobs() -> int:

@@ -123,7 +123,8 @@ def test_it_shows_times_in_the_viewers_time_zone(page):
     prebuild(preset, status="failed")
     staff_on_overview(page)
     row = page.locator(f"#preset-{preset.id}")
-    until = row.locator(".status-cell time")
+    # The badge's time (the status cell also shows the last failure's, relative).
+    until = row.locator(".status-cell .badge time")
     iso = until.get_attribute("datetime")
     local = f"{datetime.fromisoformat(iso).astimezone(ZoneInfo(VIEWER_TIME_ZONE)):%H:%M:%S}"
     expect(until).to_have_text(local)
@@ -132,7 +133,8 @@ def test_it_shows_times_in_the_viewers_time_zone(page):
     TemplateVersionPreset.objects.filter(id=preset.id).update(desired_instances=3)
 
     expect(row.locator("[data-col=desired]")).to_have_text("3")
-    expect(row.locator(".status-cell time")).to_have_text(local)
+    expect(row.locator(".status-cell .badge time")).to_have_text(local)
+    expect(row.locator("[data-col=last-failure]")).to_contain_text("last failure: template")
     expect(row.locator("[data-col=actions] time")).to_have_text(local)
 
 

@@ -488,8 +488,17 @@ class Cluster:
 
         wait_until(answers, timeout, what=f"{proc.name} to answer", diagnose=proc.tail)
 
-    def worker(self, name: str, *, wait: bool = True, concurrency: int = 4, **env: str) -> Proc:
-        """A Celery worker (thread pool) on ``default`` and this host's queue."""
+    def worker(
+        self,
+        name: str,
+        *,
+        wait: bool = True,
+        concurrency: int = 4,
+        pool: str = "threads",
+        **env: str,
+    ) -> Proc:
+        """A Celery worker on ``default`` and this host's queue; a thread pool unless ``pool``
+        says otherwise (``prefork``: child processes, as ``make run`` starts it)."""
         command = [
             PYTHON,
             "-m",
@@ -498,7 +507,7 @@ class Cluster:
             "config",
             "worker",
             "--pool",
-            "threads",
+            pool,
             "--concurrency",
             str(concurrency),
             "--queues",

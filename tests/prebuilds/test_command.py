@@ -38,6 +38,9 @@ PRESET_KEYS = {
     "status",
     "state",
     "actions",
+    # Added by issue 12 (the contract allows added keys): failures by kind, the newest one.
+    "failures",
+    "last_failure",
 }
 
 
@@ -80,6 +83,8 @@ def test_it_prints_the_dry_run_document():
             "deleting": 0,
         },
         "actions": [{"type": "create", "count": 2}],
+        "failures": {"template": 0, "infrastructure": 0},
+        "last_failure": None,
     }
     assert set(entry["state"]) == STATE_KEYS
     assert list(Workspace.objects.filter(owner_id=SYSTEM_USER_ID)) == [running]

@@ -26,6 +26,7 @@ from tests.workspaces.factories import (
 from workspaces.models import (
     AgentLifecycle,
     JobStatus,
+    ProvisionerJob,
     TemplateVersionPreset,
     Transition,
     WorkspaceAgent,
@@ -283,6 +284,48 @@ def test_it_shows_a_backoff_with_its_end_and_failures(staff_client, preset):
     row = re.search(rf'<tr id="preset-{preset.id}".*?</tr>', body, re.S).group()
     assert re.search(r"backing off until <time datetime=\"[^\"]+\" data-format=\"time\">", row)
     assert re.search(r"after 2 failures", row)
+
+
+def test_it_shows_the_kind_of_a_preset_s_last_failure(staff_client, preset):
+    now = timezone.now()
+    for seconds, kind in ((30, "template"), (20, "infrastructure"), (10, "infrastructure")):
+        failed = prebuild(preset, status=JobStatus.FAILED)
+        ProvisionerJob.objects.filter(build__workspace=failed).update(
+            failure_kind=kind,
+            error=f"{kind} trouble",
+            completed_at=now - timedelta(seconds=seconds),
+        )
+
+    body = body_of(staff_client.get("/prebuilds/"))
+
+    row = re.search(rf'<tr id="preset-{preset.id}".*?</tr>', body, re.S).group()
+    last = re.search(r'<span [^>]*data-col="last-failure".*?</span>', row, re.S).group()
+    assert "last failure: infrastructure" in last
+    assert 'title="infrastructure trouble"' in last
+    assert "2 infrastructure failures recently, not counted" in last
+    # Back-off counts the template failure alone (30 s ago, 1 x 15 s: over), so it creates.
+    assert actions(body, preset.id) == ["create 1"]
+
+
+def test_the_preset_page_says_which_kind_each_failure_was(staff_client, preset):
+    lost = prebuild(preset, status=JobStatus.FAILED)
+    ProvisionerJob.objects.filter(build__workspace=lost).update(
+        failure_kind="infrastructure", error="Worker lost (heartbeat timeout)."
+    )
+    broken = prebuild(preset, status=JobStatus.FAILED)
+    ProvisionerJob.objects.filter(build__workspace=broken).update(
+        failure_kind="template", error="the startup script of agent(s) main failed"
+    )
+
+    body = body_of(staff_client.get(f"/prebuilds/presets/{preset.id}/"))
+
+    failures = body.split("Recent failures")[1]
+    rows = {
+        name: re.search(rf"<tr>(?:(?!</tr>).)*{name}(?:(?!</tr>).)*</tr>", failures, re.S).group()
+        for name in (lost.name, broken.name)
+    }
+    assert "infrastructure failure" in rows[lost.name]
+    assert "template failure" in rows[broken.name]
 
 
 def test_it_shows_stored_statuses_with_their_reason(staff_client, preset):

@@ -22,6 +22,7 @@ from tests.workspaces.factories import (
 )
 from workspaces.models import (
     BuildReason,
+    FailureKind,
     JobStatus,
     PrebuildStatus,
     ProvisionerJob,
@@ -170,6 +171,73 @@ def test_it_marks_a_hard_limited_preset_stops_creating_and_logs_once(settings, c
     assert pass_document(second)["presets"][0]["actions"] == []
     status_logs = [r for r in caplog.records if "prebuilds_preset_status" in r.getMessage()]
     assert len(status_logs) == 1
+
+
+def test_lost_workers_neither_back_off_nor_hard_limit_a_preset(settings):
+    """Three infrastructure failures in a row (the hard limit is 3): the failed prebuilds are
+    simply replaced, and the status document says what they were."""
+    settings.PREBUILDS_FAILURE_HARD_LIMIT = 3
+    settings.PREBUILDS_BACKOFF_INTERVAL = timedelta(hours=1)  # a back-off would be visible
+    now = timezone.now()
+    preset = PresetFactory(desired_instances=2)
+    for seconds in (30, 20, 10):
+        lost = prebuild(preset, status=JobStatus.FAILED, created_at=now - timedelta(minutes=1))
+        ProvisionerJob.objects.filter(build__workspace=lost).update(
+            failure_kind=FailureKind.INFRASTRUCTURE,
+            error="Worker lost (heartbeat timeout).",
+            completed_at=now - timedelta(seconds=seconds),
+        )
+
+    result = reconcile(now=now)
+
+    preset.refresh_from_db()
+    assert preset.prebuild_status == PrebuildStatus.HEALTHY
+    [document] = pass_document(result)["presets"]
+    assert document["status"] == "healthy"
+    assert document["actions"] == [{"type": "create", "count": 2}]
+    assert document["failures"] == {"template": 0, "infrastructure": 3}
+    assert document["last_failure"] == {
+        "kind": "infrastructure",
+        "error": "Worker lost (heartbeat timeout).",
+        "at": (now - timedelta(seconds=10)).isoformat(),
+    }
+    assert len(pool(preset)) == 2
+
+
+def test_replacing_lost_prebuilds_cannot_spin(settings):
+    """The replacements of infrastructure failures count as starting while they build: the
+    next pass creates nothing more, however often passes run."""
+    now = timezone.now()
+    preset = PresetFactory(desired_instances=1)
+    lost = prebuild(preset, status=JobStatus.FAILED)
+    ProvisionerJob.objects.filter(build__workspace=lost).update(
+        failure_kind=FailureKind.INFRASTRUCTURE, completed_at=now
+    )
+
+    reconcile(now=now)
+    second = reconcile(now=now + timedelta(seconds=1))
+
+    assert len(pool(preset)) == 1
+    assert pass_document(second)["presets"][0]["actions"] == []
+    assert pass_document(second)["presets"][0]["state"]["starting"] == 1
+
+
+def test_template_failures_still_hard_limit_among_lost_workers(settings):
+    settings.PREBUILDS_FAILURE_HARD_LIMIT = 2
+    settings.PREBUILDS_BACKOFF_INTERVAL = timedelta(0)
+    start = timezone.now() - timedelta(minutes=10)
+    preset = PresetFactory(desired_instances=1)
+    for minute, kind in enumerate(["template", "infrastructure", "template"], start=1):
+        failed = prebuild(
+            preset, status=JobStatus.FAILED, created_at=start + timedelta(minutes=minute)
+        )
+        ProvisionerJob.objects.filter(build__workspace=failed).update(failure_kind=kind)
+
+    reconcile()
+
+    preset.refresh_from_db()
+    assert preset.prebuild_status == PrebuildStatus.HARD_LIMITED
+    assert preset.prebuild_status_reason == "the last 2 prebuild builds failed (template failures)"
 
 
 def test_a_hard_limited_preset_still_deletes(settings):

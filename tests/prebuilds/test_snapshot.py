@@ -7,7 +7,7 @@ import pytest
 from django.utils import timezone
 
 from accounts.models import SYSTEM_USER_ID
-from prebuilds.selectors import reconciliation_snapshot
+from prebuilds.selectors import LastFailure, reconciliation_snapshot
 from tests.accounts.factories import UserFactory
 from tests.workspaces.factories import (
     AgentFactory,
@@ -20,6 +20,7 @@ from tests.workspaces.factories import (
 )
 from workspaces.models import (
     AgentLifecycle,
+    FailureKind,
     JobStatus,
     PrebuildStatus,
     ProvisionerJob,
@@ -249,6 +250,88 @@ def test_it_only_counts_failures_after_the_last_status_change(settings):
     assert not entry_of(preset).failure_streak
     prebuild(preset, status=JobStatus.FAILED, created_at=start + timedelta(minutes=5))
     assert entry_of(preset).failure_streak
+
+
+def fail_as(workspace: Workspace, kind: str, completed_at, error: str = "boom") -> None:
+    """Make the workspace's latest build's job a failure of ``kind``."""
+    build = workspace.builds.order_by("-build_number").first()
+    ProvisionerJob.objects.filter(id=build.job_id).update(
+        status=JobStatus.FAILED, failure_kind=kind, error=error, completed_at=completed_at
+    )
+
+
+def test_infrastructure_failures_do_not_count_towards_backoff():
+    now = timezone.now()
+    preset = PresetFactory(desired_instances=1)
+    for minutes in (30, 20):
+        fail_as(prebuild(preset), FailureKind.TEMPLATE, now - timedelta(minutes=minutes))
+    for minutes in (3, 2, 1):  # the newest failures: three lost workers
+        fail_as(
+            prebuild(preset),
+            FailureKind.INFRASTRUCTURE,
+            now - timedelta(minutes=minutes),
+            error="Worker lost (heartbeat timeout).",
+        )
+
+    entry = reconciliation_snapshot(now=now).presets[0]
+
+    assert entry.snapshot.backoff.num_failed == 2
+    assert entry.snapshot.backoff.last_build_at == now - timedelta(minutes=20)
+    assert (entry.failures.template, entry.failures.infrastructure) == (2, 3)
+    assert entry.failures.last == LastFailure(
+        kind="infrastructure",
+        error="Worker lost (heartbeat timeout).",
+        at=now - timedelta(minutes=1),
+    )
+
+
+def test_only_infrastructure_failures_mean_no_backoff_but_a_last_failure():
+    now = timezone.now()
+    preset = PresetFactory(desired_instances=1)
+    for minutes in (3, 2, 1):
+        fail_as(prebuild(preset), FailureKind.INFRASTRUCTURE, now - timedelta(minutes=minutes))
+
+    entry = entry_of(preset)
+
+    assert entry.snapshot.backoff is None
+    assert (entry.failures.template, entry.failures.infrastructure) == (0, 3)
+    assert entry.failures.last.kind == "infrastructure"
+
+
+def test_a_failure_without_a_kind_counts_as_a_template_failure():
+    # Jobs failed by code that does not set the kind (or before it existed): conservative.
+    now = timezone.now()
+    preset = PresetFactory(desired_instances=1)
+    fail_as(prebuild(preset), "", now - timedelta(minutes=1))
+
+    entry = reconciliation_snapshot(now=now).presets[0]
+
+    assert entry.snapshot.backoff.num_failed == 1
+    assert entry.failures.last.kind == "template"
+
+
+def test_infrastructure_failures_neither_make_nor_break_a_failure_streak(settings):
+    settings.PREBUILDS_FAILURE_HARD_LIMIT = 3
+    start = timezone.now() - timedelta(minutes=30)
+    lost, mixed = PresetFactory(desired_instances=1), PresetFactory(desired_instances=1)
+    for minute in (1, 2, 3):
+        fail_as(
+            prebuild(lost, created_at=start + timedelta(minutes=minute)),
+            FailureKind.INFRASTRUCTURE,
+            start + timedelta(minutes=minute),
+        )
+    # template, lost, template, lost, template: the newest three *template* builds all failed.
+    for minute, kind in enumerate(
+        ["template", "infrastructure", "template", "infrastructure", "template"], start=1
+    ):
+        fail_as(
+            prebuild(mixed, created_at=start + timedelta(minutes=minute)),
+            kind,
+            start + timedelta(minutes=minute),
+        )
+
+    assert not entry_of(lost).failure_streak
+    assert entry_of(mixed).failure_streak
 
 
 def test_it_reads_the_stored_hard_limit():

@@ -15,7 +15,7 @@ from tests.workspaces.factories import (
     WorkspaceFactory,
     prebuild,
 )
-from workspaces.models import JobStatus, PresetSchedule, TemplateVersionPreset
+from workspaces.models import JobStatus, PresetSchedule, ProvisionerJob, TemplateVersionPreset
 
 pytestmark = pytest.mark.django_db
 
@@ -447,3 +447,17 @@ def test_switching_the_active_version_cannot_raise_the_organization_total(staff_
     template.refresh_from_db()
     assert template.deleted is True
     assert v1 != bigger
+
+
+def test_the_job_list_filters_failures_by_kind(staff_client):
+    lost = BuildFactory(job__status=JobStatus.FAILED).job
+    broken = BuildFactory(job__status=JobStatus.FAILED).job
+    ProvisionerJob.objects.filter(id=lost.id).update(failure_kind="infrastructure")
+    ProvisionerJob.objects.filter(id=broken.id).update(failure_kind="template")
+
+    response = staff_client.get("/admin/workspaces/provisionerjob/?failure_kind=infrastructure")
+
+    body = response.content.decode()
+    assert response.status_code == 200
+    assert str(lost.id) in body and str(broken.id) not in body
+    assert "Infrastructure" in body

@@ -11,16 +11,23 @@ from datetime import timedelta
 from urllib.parse import urlsplit
 from uuid import uuid4
 
+import kombu.exceptions
+import psycopg
 import pytest
 import redis
 from django.conf import settings as django_settings
-from django.db import connection
+from django.db import IntegrityError, connection, transaction
+from django.db import InterfaceError as DjangoInterfaceError
+from django.db import OperationalError as DjangoOperationalError
 from django.utils import timezone
 
+from accounts.services import system_user
+from tests.accounts.factories import UserFactory
 from tests.workspaces.factories import (
     AgentFactory,
     BuildFactory,
     JobFactory,
+    PresetFactory,
     TemplateFactory,
     WorkspaceFactory,
 )
@@ -43,12 +50,16 @@ from workspaces.jobs import (
 )
 from workspaces.models import (
     AgentLifecycle,
+    BuildReason,
+    FailureKind,
     JobStatus,
     ProvisionerJob,
     Transition,
     Workspace,
     WorkspaceAgent,
+    WorkspaceBuild,
 )
+from workspaces.provisioners import LocalProvisioner, ProvisionAborted, ProvisionError
 from workspaces.services import build_create
 
 STALE_LINE = "Worker stopped sending heartbeats"
@@ -406,6 +417,67 @@ class TestExecution:
         assert "[log truncated: further output is not kept]" in logs
         assert len(logs) < 2100
 
+    def test_a_failing_command_is_a_template_failure(self, fast, tmp_path):
+        build = command_build(tmp_path, "exit 3\n")
+
+        job = job_execute(build.job_id, worker="w")
+
+        assert (job.status, job.failure_kind) == (JobStatus.FAILED, FailureKind.TEMPLATE)
+
+    def test_a_database_connection_cut_mid_build_is_an_infrastructure_failure(self, fast, tmp_path):
+        # The command succeeds; then the executor polls the database for the agent (which never
+        # reports: nothing answers ACCESS_URL) and PostgreSQL cuts its connection, as a
+        # restart or a failover does.
+        fast.PROVISIONER_AGENT_READY_TIMEOUT = 30
+        build = command_build(tmp_path, "echo provisioned\n")
+
+        thread, result = run_in_thread(job_execute, build.job_id, worker="w")
+        wait_until(
+            lambda: "waiting for 1 agent(s)" in ProvisionerJob.objects.get(id=build.job_id).logs,
+            what="the executor to wait for the agent",
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND backend_type = 'client backend'"
+            )
+        thread.join(20)
+
+        assert not thread.is_alive()
+        job = ProvisionerJob.objects.get(id=build.job_id)
+        assert job.status == JobStatus.FAILED, job.logs
+        assert job.failure_kind == FailureKind.INFRASTRUCTURE, job.error
+        assert "Error" in job.error  # the database error's type and message
+        assert result[0].failure_kind == FailureKind.INFRASTRUCTURE
+
+    def test_an_interrupted_worker_fails_a_prebuild_start_as_infrastructure_and_queues_the_stop(
+        self, fast, monkeypatch
+    ):
+        # SystemExit reaches the job when a worker is told to stop at once (cold shutdown).
+        def interrupted(self, request, log, should_abort):
+            raise SystemExit(1)
+
+        monkeypatch.setattr(LocalProvisioner, "apply", interrupted)
+        build = _prebuild_start()
+        client = _broker()
+        client.delete(routing.host_queue())
+        try:
+            with pytest.raises(SystemExit):
+                job_execute(build.job_id, worker="w")
+
+            job = ProvisionerJob.objects.get(id=build.job_id)
+            assert (job.status, job.failure_kind) == (
+                JobStatus.FAILED,
+                FailureKind.INFRASTRUCTURE,
+            )
+            assert job.error == "The worker was interrupted (SystemExit)."
+            assert _queued_tasks(client, routing.host_queue()) == [
+                (jobs.STOP_FAILED_PREBUILD_TASK, str(build.job_id))
+            ]
+        finally:
+            client.delete(routing.host_queue())
+
     def test_a_job_that_is_not_pending_is_left_alone(self, fast, tmp_path):
         marker = tmp_path / "ran"
         build = command_build(tmp_path, f'touch "{marker}"\n')
@@ -629,3 +701,127 @@ class TestTasks:
             assert _queued_job_ids(client, gone) == [str(job.id)]
         finally:
             client.delete(gone)
+
+
+# --- Failure kinds --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (ProvisionError("command exited with status 3"), FailureKind.TEMPLATE),
+        (ProvisionAborted("aborted"), FailureKind.TEMPLATE),
+        (KeyError("name"), FailureKind.TEMPLATE),  # a bug we cannot place: conservative
+        (DjangoOperationalError("server closed the connection"), FailureKind.INFRASTRUCTURE),
+        (DjangoInterfaceError("connection already closed"), FailureKind.INFRASTRUCTURE),
+        (psycopg.OperationalError("terminating connection"), FailureKind.INFRASTRUCTURE),
+        (kombu.exceptions.OperationalError("broker down"), FailureKind.INFRASTRUCTURE),
+        (redis.exceptions.ConnectionError("refused"), FailureKind.INFRASTRUCTURE),
+        (SystemExit(1), FailureKind.INFRASTRUCTURE),
+        (KeyboardInterrupt(), FailureKind.INFRASTRUCTURE),
+    ],
+)
+def test_it_classifies_what_ended_a_build(exc, kind):
+    assert jobs.failure_kind_of(exc) == kind
+
+
+def _queued_tasks(client: redis.Redis, queue: str) -> list[tuple[str, str]]:
+    """``(task name, first argument)`` of every message waiting on ``queue``."""
+    found = []
+    for raw in client.lrange(queue, 0, -1):
+        headers = json.loads(raw)["headers"]
+        found.append((headers["task"], headers["argsrepr"].strip("[]()',\" ")))
+    return found
+
+
+def _prebuild_start(*, provisioner: str = "local", owner=None) -> WorkspaceBuild:
+    """A pending reconciler start build of a fresh prebuild (or of ``owner``'s workspace)."""
+    template = TemplateFactory(with_version__provisioner=provisioner)
+    system = system_user()
+    workspace = WorkspaceFactory(template=template, owner=owner or system)
+    return BuildFactory(
+        workspace=workspace,
+        initiator=system,
+        reason=BuildReason.PREBUILD,
+        preset=PresetFactory(template_version=template.active_version),
+        job__status=JobStatus.PENDING,
+    )
+
+
+@pytest.mark.django_db
+class TestFailureKinds:
+    def test_a_failed_job_is_a_template_failure_unless_told_otherwise(self):
+        template_job, infra_job = acquired("a"), acquired("b")
+
+        done = job_complete(template_job.id, worker="a", succeeded=False, error="boom")
+        lost = job_complete(
+            infra_job.id,
+            worker="b",
+            succeeded=False,
+            error="OperationalError: gone",
+            failure_kind=FailureKind.INFRASTRUCTURE,
+        )
+
+        assert (done.status, done.failure_kind) == (JobStatus.FAILED, FailureKind.TEMPLATE)
+        assert ProvisionerJob.objects.get(id=lost.id).failure_kind == FailureKind.INFRASTRUCTURE
+
+    @pytest.mark.parametrize("cancel", [False, True])
+    def test_only_a_failed_job_has_a_kind(self, cancel):
+        job = acquired("a")
+        if cancel:
+            job_cancel(job.id)
+
+        done = job_complete(
+            job.id, worker="a", succeeded=not cancel, failure_kind=FailureKind.INFRASTRUCTURE
+        )
+
+        assert done.status in (JobStatus.SUCCEEDED, JobStatus.CANCELED)
+        assert ProvisionerJob.objects.get(id=job.id).failure_kind == ""
+
+    def test_the_database_refuses_a_kind_on_a_job_that_did_not_fail(self):
+        job = JobFactory(status=JobStatus.SUCCEEDED)
+
+        with pytest.raises(IntegrityError), transaction.atomic():
+            ProvisionerJob.objects.filter(id=job.id).update(failure_kind=FailureKind.TEMPLATE)
+        with pytest.raises(IntegrityError), transaction.atomic():
+            ProvisionerJob.objects.filter(id=job.id).update(
+                status=JobStatus.FAILED, failure_kind="cosmic-rays"
+            )
+
+    def test_the_sweeps_fail_jobs_as_infrastructure_failures(self, settings):
+        stale = acquired("a")
+        make_stale(stale)
+        settings.PROVISIONER_HOST_QUEUE_TIMEOUT = 600
+        gone = routing.host_queue(f"gone-{uuid4().hex[:8]}")
+        stranded = JobFactory(queue=gone, created_at=timezone.now() - timedelta(minutes=11))
+
+        assert jobs_fail_stale(timeout=timedelta(seconds=60)) == [stale.id]
+        assert jobs.jobs_fail_unserved_host_jobs(timeout=timedelta(minutes=10)) == [stranded.id]
+
+        for job in (stale, stranded):
+            job.refresh_from_db()
+            assert (job.status, job.failure_kind) == (
+                JobStatus.FAILED,
+                FailureKind.INFRASTRUCTURE,
+            )
+
+    def test_a_lost_prebuild_start_asks_its_host_to_stop_what_it_started(self):
+        prebuild_build = _prebuild_start()
+        user_build = _prebuild_start(owner=UserFactory())  # a user's workspace: left alone
+        command_build_ = _prebuild_start(provisioner="command")  # no local processes
+        host = f"host-{uuid4().hex[:8]}"
+        queue = routing.host_queue(host)
+        for build in (prebuild_build, user_build, command_build_):
+            job_acquire(build.job_id, worker="dead")
+            Workspace.objects.filter(id=build.workspace_id).update(host_queue=queue)
+            make_stale(build.job)
+        client = _broker()
+        try:
+            failed = jobs_fail_stale(timeout=timedelta(seconds=60))
+
+            assert len(failed) == 3
+            assert _queued_tasks(client, queue) == [
+                (jobs.STOP_FAILED_PREBUILD_TASK, str(prebuild_build.job_id))
+            ]
+        finally:
+            client.delete(queue)

@@ -16,7 +16,7 @@ from tests.workspaces.factories import (
     WorkspaceFactory,
     prebuild,
 )
-from workspaces.models import AgentLifecycle, JobStatus, Workspace, WorkspaceBuild
+from workspaces.models import AgentLifecycle, JobStatus, ProvisionerJob, Workspace, WorkspaceBuild
 
 pytestmark = pytest.mark.django_db
 
@@ -355,6 +355,24 @@ def test_it_stops_polling_after_a_failed_start_even_with_agents_that_never_came_
     response = alice_client.get(f"/workspaces/{workspace.id}/", **HX)
 
     assert response.status_code == 286
+
+
+@pytest.mark.parametrize(
+    ("kind", "label"),
+    [("infrastructure", "infrastructure failure"), ("template", "template failure")],
+)
+def test_it_shows_which_kind_of_failure_a_failed_build_was(alice_client, workspace, kind, label):
+    build = BuildFactory(workspace=workspace, job__status=JobStatus.FAILED)
+    ProvisionerJob.objects.filter(id=build.job_id).update(
+        failure_kind=kind, error="something broke"
+    )
+
+    body = alice_client.get(f"/workspaces/{workspace.id}/").content.decode()
+
+    status = body.split('id="build-status"')[1].split("</section>")[0]
+    assert label in status and "something broke" in status
+    other = {"infrastructure failure", "template failure"} - {label}
+    assert other.pop() not in status
 
 
 def test_it_shows_anyones_workspace_to_staff(client, workspace):

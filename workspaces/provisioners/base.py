@@ -81,3 +81,9 @@ class Provisioner(abc.ABC):
     def agent_log_tail(self, workspace_id: str, agent_name: str) -> str:
         """The last lines an agent printed, when this provisioner keeps them ("" otherwise)."""
         return ""
+
+    def stop_processes(self, workspace_id: str, log: LogFn) -> None:
+        """Stop the workspace's processes on this host and keep everything else (its directory,
+        its logs): what is left of a failed build is evidence. Idempotent. The default does
+        nothing: the provisioner runs no processes of its own for a workspace."""
+        return None

@@ -88,6 +88,12 @@ class LocalProvisioner(Provisioner):
     def workspace_dir(self, workspace_id: str) -> Path:
         return self.root / str(workspace_id)
 
+    def stop_processes(self, workspace_id: str, log: LogFn) -> None:
+        # What a stop does (agents, then leftovers carrying the marker), minus nothing: a stop
+        # never removed the directory or the agents' logs either.
+        _reap()
+        self._stop(str(workspace_id), self.workspace_dir(workspace_id), log)
+
     def apply(self, request: ProvisionRequest, log: LogFn, should_abort: AbortFn) -> None:
         _reap()
         for agent in request.agents:
