@@ -201,6 +201,7 @@ def reconcile(
     """
     clock = time.monotonic()
     started_at = timezone.now()
+    given_now = now is not None
     now = now or started_at
     if dry_run:
         with reconciliation_lock() as acquired:
@@ -228,11 +229,12 @@ def reconcile(
             )
             _record(result, now)
             return result
+        if wait > 0:
+            # The lock may have come after a wait: the pass starts, and judges the pools, now.
+            clock, started_at = time.monotonic(), timezone.now()
+            now = now if given_now else started_at
         if on_locked is not None:
             on_locked()
-        if wait > 0:
-            # The lock may have come after a wait: judge the pools as they are now.
-            now = timezone.now()
         result = _locked_pass(started_at, now, clock)
     _record(result, now)
     logger.info(

@@ -15,6 +15,7 @@ import redis
 from django.conf import settings
 from django.core.cache import cache
 from django.db import connection, transaction
+from django.utils import timezone
 
 from config import env
 from prebuilds import refill
@@ -145,13 +146,21 @@ def test_a_refill_waits_for_a_running_pass_instead_of_skipping(settings):
     holder.start()
     try:
         assert held.wait(10)
-        threading.Timer(0.5, release.set).start()
+        released_at = []
+
+        def release_lock() -> None:
+            released_at.append(timezone.now())
+            release.set()
+
+        threading.Timer(0.5, release_lock).start()
         result = refill.refill_run()
     finally:
         release.set()
         holder.join(10)
 
     assert result.lock_acquired and result.actions_taken == 1
+    # Recorded as starting when it got the lock (the gap metric reads it), not when it queued.
+    assert ReconciliationPass.objects.get(lock_acquired=True).started_at >= released_at[0]
     assert Workspace.objects.filter(builds__preset=preset).count() == 1
     assert cache.get(refill.PENDING_KEY) is None
 
