@@ -2,12 +2,14 @@
 
 One pass (`reconcile`):
 
-1. takes the reconciliation advisory lock, or returns at once with `lock_acquired=False`;
+1. takes the reconciliation advisory lock, or returns at once with `lock_acquired=False`
+   (a refill, `prebuilds.refill`, waits for it instead);
 2. reads the snapshot (`prebuilds.selectors`, a fixed number of queries);
 3. decides each preset's status (validation, hard limit), state and actions with the pure core;
-4. unless paused or dry-run: makes the system user a member of every organization involved,
-   then executes each preset's actions in its own transaction, so one preset's failure is
-   logged and counted and the others still converge;
+4. unless paused or dry-run: cuts creations to the in-flight caps (`prebuilds.pacing`), makes
+   the system user a member of every organization involved, then executes each preset's
+   actions in its own transaction, so one preset's failure is logged and counted and the
+   others still converge;
 5. records a `ReconciliationPass` and prunes passes older than a day.
 
 The lock. A session-level `pg_try_advisory_lock` held on a *dedicated* connection for the
