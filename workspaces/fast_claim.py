@@ -6,7 +6,8 @@ CPU: Django's request cycle and middleware, the hand-over to a WSGI thread and b
 plumbing, and Celery's publisher (a millisecond alone). One process tops out near 100 claims a
 second, and twenty clients claiming back to back wait ~200 ms each. Here the same claim is ~2 ms
 of CPU on the event loop: async psycopg with prepared statements (4 round trips), one Redis read
-for the rate limiter and one ``LPUSH`` for the build's job.
+for the rate limiter and one ``LPUSH`` for the build's job. After the answer is sent, one Redis
+``SET NX`` asks for the pool's refill (``prebuilds.refill``, coalesced).
 
 What it serves: only a request it can answer completely, and exactly as the Django view would
 (same rows written, same JSON, same headers) — a bearer API token of an active user who is a
