@@ -25,7 +25,7 @@ from tests.accounts.factories import UserFactory
 from tests.workspaces.factories import PresetFactory, prebuild
 from workspaces import routing
 from workspaces.creation import workspace_request
-from workspaces.models import JobStatus, Workspace
+from workspaces.models import JobStatus, Workspace, WorkspaceBuild
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -209,3 +209,55 @@ def test_control_tasks_are_routed_to_the_control_queue():
         assert name in app.tasks
         route = app.amqp.router.route({}, name, (), {})
         assert route["queue"].name == routing.CONTROL_QUEUE, name
+
+
+def test_no_claim_is_left_unrefilled_when_claims_race_the_passes(settings):
+    """Race: claims commit while refill passes run (real threads on PostgreSQL). Whatever the
+    interleaving, every claim is seen by a pass that started after it: once the last pending
+    request is served, each claimed prebuild has exactly one replacement on its way."""
+    settings.PREBUILDS_MAX_IN_FLIGHT = settings.PREBUILDS_MAX_IN_FLIGHT_PER_PRESET = 0
+    claims = 12
+    preset = PresetFactory(desired_instances=claims)
+    for _ in range(claims):
+        prebuild(preset)
+    users = [UserFactory() for _ in range(claims)]
+    claimed, failures = [], []
+    done = threading.Event()
+
+    def claimant(index: int, user) -> None:
+        time.sleep(0.01 * index)  # spread over several passes: some commit while one runs
+        try:
+            claimed.append(workspace_request(user=user, name="dev", preset=preset))
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+        finally:
+            connection.close()
+
+    def control_worker() -> None:
+        # What the control worker does with the queued task: a pass whenever one is pending.
+        try:
+            while not done.is_set():
+                if cache.get(refill.PENDING_KEY) is not None:
+                    refill.refill_run()
+                time.sleep(0.005)
+        finally:
+            connection.close()
+
+    worker = threading.Thread(target=control_worker)
+    worker.start()
+    threads = [threading.Thread(target=claimant, args=item) for item in enumerate(users)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    done.set()
+    worker.join(30)
+    if cache.get(refill.PENDING_KEY) is not None:
+        refill.refill_run()  # the task still queued for the last request
+
+    assert not failures, failures
+    assert all(w.claimed_prebuild for w in claimed) and len(claimed) == claims
+    replacements = WorkspaceBuild.objects.filter(
+        preset=preset, reason="prebuild", job__status=JobStatus.PENDING
+    ).count()
+    assert replacements == claims
