@@ -9,7 +9,8 @@ that sets it enqueues the ``prebuilds.refill`` task (on the control queue). That
 the reconciler's advisory lock, clears the key *once it holds the lock*, then reads the
 snapshot. So a request that found the key set is always seen by a pass: the key was still set,
 so the task holding it had not read its snapshot yet, and will read it after the request's
-transaction committed. A burst of claims costs one or two passes, never one each. The key
+transaction committed. At most one refill waits in the queue at a time, so a burst of
+claims costs a pass or two, never one each. The key
 expires after ``2 × PREBUILDS_RECONCILIATION_INTERVAL``, so a lost task message (a broker
 restart) delays refills until then, and the periodic pass covers the gap.
 
