@@ -8,8 +8,9 @@ connection from the pool), so one per pool is enough.
 
 Django's async cache methods run the sync ones in a thread. The claim's fast path
 (``workspaces.fast_claim``) runs on the event loop and reads the rate limiter's counters on
-every request, so ``aget_many`` talks to Redis with ``redis.asyncio`` instead (one client per
-event loop: its connections belong to the loop that made them).
+every request, so ``aget_many`` (and ``aadd``, for the refill request after a claim) talk to
+Redis with ``redis.asyncio`` instead (one client per event loop: its connections belong to the
+loop that made them).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import redis.asyncio
+from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django.core.cache.backends.redis import RedisCache as DjangoRedisCache
 from django.core.cache.backends.redis import RedisCacheClient
 
@@ -59,6 +61,21 @@ class RedisCache(DjangoRedisCache):
         loads = self._cache._serializer.loads
         found = zip(keys, values, strict=True)
         return {key: loads(value) for key, value in found if value is not None}
+
+    async def aadd(
+        self, key: str, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
+    ) -> bool:
+        """``add`` without leaving the event loop (``SET NX``, as Django's client does it)."""
+        name = self.make_and_validate_key(key, version=version)
+        seconds = self.get_backend_timeout(timeout)
+        client = self._async_clients.get()
+        data = self._cache._serializer.dumps(value)
+        if seconds == 0:  # Django's rule: set and expire at once, answering whether it was new
+            added = bool(await client.set(name, data, nx=True))
+            if added:
+                await client.delete(name)
+            return added
+        return bool(await client.set(name, data, ex=seconds, nx=True))
 
     async def aclose_async(self) -> None:
         """Close the running loop's client, if it made one."""

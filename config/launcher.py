@@ -2,9 +2,9 @@
 
 Starts (or reuses) the embedded PostgreSQL and Redis unless ``DATABASE_URL`` /
 ``CELERY_BROKER_URL`` are set, migrates, loads the demo template, makes sure an admin account
-exists (printing its password once, when it is created), then runs the ASGI web server, a
-Celery worker and Celery beat as child processes. Ctrl-C (or SIGTERM) stops all of them, and the
-embedded servers with them.
+exists (printing its password once, when it is created), then runs the ASGI web server,
+Celery workers by role (people's builds, prebuild builds, the control plane) and Celery beat as
+child processes. Ctrl-C (or SIGTERM) stops all of them, and the embedded servers with them.
 """
 
 from __future__ import annotations
@@ -65,7 +65,31 @@ def _ensure_admin() -> None:
     print("=" * 60)
 
 
+def _worker_command(python: str, name: str, queues: list[str], *, concurrency: int) -> list[str]:
+    """A Celery worker on ``queues``; threads: builds mostly wait (for agents, for commands)."""
+    return [
+        python,
+        "-m",
+        "celery",
+        "-A",
+        "config",
+        "worker",
+        "--loglevel",
+        "INFO",
+        "--pool",
+        "threads",
+        "--concurrency",
+        str(concurrency),
+        "--hostname",
+        f"{name}@{socket.gethostname()}",
+        "--queues",
+        ",".join(queues),
+    ]
+
+
 def _children(env: dict[str, str]) -> list[tuple[str, list[str]]]:
+    from django.conf import settings
+
     from workspaces.routing import worker_queues
 
     python = sys.executable
@@ -89,27 +113,28 @@ def _children(env: dict[str, str]) -> list[tuple[str, list[str]]]:
                 "3",
             ],
         ),
+        # Three workers by role (workspaces.routing): people's builds, prebuild builds and the
+        # control plane, so neither a claim nor a reconciliation pass waits behind a pool fill.
+        # Each serves its shared queue and this host's queue of its role (the later builds of
+        # the local workspaces whose processes live here).
         (
             "worker",
-            [
+            _worker_command(python, "worker", worker_queues("builds"), concurrency=4),
+        ),
+        (
+            "prebuild-worker",
+            # As many threads as prebuild builds may be in flight: created builds start at once.
+            _worker_command(
                 python,
-                "-m",
-                "celery",
-                "-A",
-                "config",
-                "worker",
-                "--loglevel",
-                "INFO",
-                # Start builds wait for their agents' startup scripts, so allow a few at once.
-                "--concurrency",
-                "4",
-                "--hostname",
-                f"worker@{socket.gethostname()}",
-                # `default` for first builds, and this host's queue for later builds of the
-                # local workspaces whose processes live here (workspaces.routing).
-                "--queues",
-                ",".join(worker_queues()),
-            ],
+                "prebuild-worker",
+                worker_queues("prebuilds"),
+                concurrency=settings.PREBUILDS_MAX_IN_FLIGHT or 10,
+            ),
+        ),
+        (
+            "control",
+            # Passes, refills and sweeps; two threads so a sweep never waits for a long pass.
+            _worker_command(python, "control", worker_queues("control"), concurrency=2),
         ),
         (
             "beat",

@@ -41,6 +41,11 @@ PREBUILDS_MAX_INSTANCES_PER_PRESET = env.int_(
 PREBUILDS_MAX_INSTANCES_PER_ORGANIZATION = env.int_(
     "PREBUILDS_MAX_INSTANCES_PER_ORGANIZATION", 500, minimum=0, maximum=2_147_483_647
 )
+# Prebuild builds in flight (pending or running) beyond which the reconciler creates no more,
+# in the whole deployment and per preset (prebuilds.pacing): a pool fill is paced instead of
+# flooding the workers. Size the global cap to the prebuild workers' total concurrency. 0: no cap.
+PREBUILDS_MAX_IN_FLIGHT = env.int_("PREBUILDS_MAX_IN_FLIGHT", 10, minimum=0)
+PREBUILDS_MAX_IN_FLIGHT_PER_PRESET = env.int_("PREBUILDS_MAX_IN_FLIGHT_PER_PRESET", 5, minimum=0)
 # How often a worker running a job records a heartbeat, and how long without one before the
 # periodic sweep declares the worker lost and fails the job.
 PROVISIONER_HEARTBEAT_INTERVAL = env.float_("PROVISIONER_HEARTBEAT_INTERVAL", 2, minimum=0.1)
@@ -268,6 +273,17 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 CELERY_TASK_DEFAULT_QUEUE = "default"
+# Control-plane tasks on a queue of their own, served by a worker builds never occupy
+# (workspaces.routing); provisioner jobs name their queue when they are sent.
+CELERY_TASK_ROUTES = {
+    name: {"queue": "control"}
+    for name in (
+        "prebuilds.reconcile",
+        "prebuilds.refill",
+        "workspaces.fail_stale_jobs",
+        "workspaces.requeue_pending_jobs",
+    )
+}
 CELERY_BEAT_SCHEDULE = {
     "reconcile-prebuilds": {
         "task": "prebuilds.reconcile",

@@ -2,12 +2,14 @@
 
 One pass (`reconcile`):
 
-1. takes the reconciliation advisory lock, or returns at once with `lock_acquired=False`;
+1. takes the reconciliation advisory lock, or returns at once with `lock_acquired=False`
+   (a refill, `prebuilds.refill`, waits for it instead);
 2. reads the snapshot (`prebuilds.selectors`, a fixed number of queries);
 3. decides each preset's status (validation, hard limit), state and actions with the pure core;
-4. unless paused or dry-run: makes the system user a member of every organization involved,
-   then executes each preset's actions in its own transaction, so one preset's failure is
-   logged and counted and the others still converge;
+4. unless paused or dry-run: cuts creations to the in-flight caps (`prebuilds.pacing`), makes
+   the system user a member of every organization involved, then executes each preset's
+   actions in its own transaction, so one preset's failure is logged and counted and the
+   others still converge;
 5. records a `ReconciliationPass` and prunes passes older than a day.
 
 The lock. A session-level `pg_try_advisory_lock` held on a *dedicated* connection for the
@@ -27,20 +29,22 @@ import base64
 import logging
 import secrets
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Literal, TypedDict
 from uuid import UUID
 
+import psycopg
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, OperationalError, connections, transaction
 from django.utils import timezone
 
 from accounts.models import Membership, Role, User
 from accounts.services import system_user
 from prebuilds.models import ReconciliationPass
+from prebuilds.pacing import Demand, allowed_creations
 from prebuilds.reconciliation import (
     ActionType,
     ReconciliationActions,
@@ -157,17 +161,21 @@ class PassDocument(TypedDict):
 
 
 @contextmanager
-def reconciliation_lock() -> Iterator[bool]:
-    """Try the reconciliation advisory lock on a dedicated connection; yield whether we hold it.
+def reconciliation_lock(*, wait: float = 0) -> Iterator[bool]:
+    """Take the reconciliation advisory lock on a dedicated connection; yield whether we hold it.
 
-    Never waits. The lock is released (and the connection closed) when the block exits,
+    Never waits unless ``wait`` (seconds) is given, and then at most that long (PostgreSQL's
+    ``lock_timeout``). The lock is released (and the connection closed) when the block exits,
     whatever happens inside it.
     """
     lock_connection = connections.create_connection(DEFAULT_DB_ALIAS)
     try:
         with lock_connection.cursor() as cursor:
-            cursor.execute("SELECT pg_try_advisory_lock(%s)", [RECONCILIATION_LOCK_KEY])
-            acquired = bool(cursor.fetchone()[0])
+            if wait > 0:
+                acquired = _wait_for_lock(cursor, wait)
+            else:
+                cursor.execute("SELECT pg_try_advisory_lock(%s)", [RECONCILIATION_LOCK_KEY])
+                acquired = bool(cursor.fetchone()[0])
         try:
             yield acquired
         finally:
@@ -196,26 +204,45 @@ def reconciliation_lock_held() -> bool:
         return bool(cursor.fetchone()[0])
 
 
+def _wait_for_lock(cursor, wait: float) -> bool:
+    # Session-level settings on this dedicated connection only (it is closed after the pass).
+    cursor.execute("SELECT set_config('lock_timeout', %s, false)", [f"{int(wait * 1000)}ms"])
+    try:
+        cursor.execute("SELECT pg_advisory_lock(%s)", [RECONCILIATION_LOCK_KEY])
+    except OperationalError as exc:
+        if not isinstance(exc.__cause__, psycopg.errors.LockNotAvailable):
+            raise
+        return False  # the wait ran out
+    return True
+
+
 def reconcile(
     *,
     dry_run: bool = False,
     now: datetime | None = None,
     preset_ids: Collection[UUID] | None = None,
+    wait: float = 0,
+    on_locked: Callable[[], object] | None = None,
 ) -> PassResult:
     """Run one reconciliation pass and return its statistics.
 
     Guarantees: at most one non-dry-run pass executes at a time in the whole deployment (the
     advisory lock); a pass that cannot take the lock writes nothing but its pass record and
-    returns `lock_acquired=False` at once. A paused pass computes and reports everything and
-    writes nothing but its pass record. A dry run writes nothing at all and never takes the
-    lock (it executes nothing; `lock_acquired` says whether a pass could take it now), and
-    computes the presets either way; `preset_ids` limits a dry run to those presets (a pool's
-    page), with the same decisions the whole dry run makes for them.
+    returns `lock_acquired=False` at once (or after waiting up to ``wait`` seconds for it). A
+    paused pass computes and reports everything and writes nothing but its pass record. A dry
+    run writes nothing at all and never takes the lock (it executes nothing; `lock_acquired`
+    says whether a pass could take it now), and computes the presets either way; `preset_ids`
+    limits a dry run to those presets (a pool's page), with the same decisions the whole dry
+    run makes for them.
+
+    ``on_locked`` runs once the lock is held, before the snapshot is read: whatever it marks
+    as handled is then seen by this pass (``prebuilds.refill`` clears its request there).
     """
     if preset_ids is not None and not dry_run:
         raise ValueError("only a dry run can look at some presets alone")
     clock = time.monotonic()
     started_at = timezone.now()
+    given_now = now is not None
     now = now or started_at
     if dry_run:
         acquired = not reconciliation_lock_held()
@@ -230,7 +257,7 @@ def reconcile(
             presets=presets,
         )
 
-    with reconciliation_lock() as acquired:
+    with reconciliation_lock(wait=wait) as acquired:
         if not acquired:
             logger.info("prebuilds_reconcile_skipped reason=lock_held")
             result = PassResult(
@@ -242,6 +269,12 @@ def reconcile(
             )
             _record(result, now)
             return result
+        if wait > 0:
+            # The lock may have come after a wait: the pass starts, and judges the pools, now.
+            clock, started_at = time.monotonic(), timezone.now()
+            now = now if given_now else started_at
+        if on_locked is not None:
+            on_locked()
         result = _locked_pass(started_at, now, clock)
     _record(result, now)
     logger.info(
@@ -267,6 +300,7 @@ def _locked_pass(started_at: datetime, now: datetime, clock: float) -> PassResul
             dry_run=False,
             presets=tuple(decided),
         )
+    decided = _paced(decided)
     owner = system_user()
     _memberships_ensure(owner, {result.entry.organization_id for result in decided})
     executed: list[PresetResult] = []
@@ -342,6 +376,50 @@ def _decide(entry: PresetEntry, now: datetime) -> PresetResult:
     return PresetResult(
         entry=entry, status=status, status_reason=reason, state=state, actions=tuple(actions)
     )
+
+
+def _paced(decided: list[PresetResult]) -> list[PresetResult]:
+    """The decided results with their creations cut to the in-flight caps (``prebuilds.pacing``).
+
+    Deletions and back-offs pass unchanged; a creation cut to nothing is dropped (no action is
+    emitted with nothing to do). The rest is created by a later pass.
+    """
+    demands, in_flight_total = [], 0
+    for result in decided:
+        state = result.state
+        in_flight = state.starting + state.stopping + state.deleting
+        in_flight_total += in_flight
+        want = sum(a.create for a in result.actions if a.type is ActionType.CREATE)
+        supply = state.actual - state.expired + state.starting
+        demands.append(Demand(key=result.entry.id, want=want, in_flight=in_flight, supply=supply))
+    allowed = allowed_creations(
+        demands,
+        in_flight_total=in_flight_total,
+        limit=settings.PREBUILDS_MAX_IN_FLIGHT,
+        per_preset_limit=settings.PREBUILDS_MAX_IN_FLIGHT_PER_PRESET,
+    )
+    paced = []
+    for result, demand in zip(decided, demands, strict=True):
+        count = allowed[demand.key]
+        if count < demand.want:
+            logger.info(
+                "prebuilds_create_paced preset=%s preset_id=%s wanted=%d creating=%d "
+                "in_flight=%d in_flight_total=%d",
+                result.entry.name,
+                result.entry.id,
+                demand.want,
+                count,
+                demand.in_flight,
+                in_flight_total,
+            )
+            actions = tuple(
+                replace(action, create=count) if action.type is ActionType.CREATE else action
+                for action in result.actions
+                if action.type is not ActionType.CREATE or count > 0
+            )
+            result = replace(result, actions=actions)
+        paced.append(result)
+    return paced
 
 
 # ---------------------------------------------------------------------------------------------

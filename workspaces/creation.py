@@ -8,6 +8,8 @@ normal first build when the pool is empty — happens the same way for every cli
 
 from __future__ import annotations
 
+from functools import partial
+
 from django.db import transaction
 
 from accounts.models import User
@@ -42,7 +44,8 @@ def workspace_request(
       (400 ``invalid_name``, 409 ``name_taken``);
     - a preset that keeps prebuilds is served from its pool when a prebuild is eligible
       (``workspace.claimed_prebuild``), else built cold; either outcome is recorded as a
-      ``PrebuildClaim`` (claim or miss);
+      ``PrebuildClaim`` (claim or miss), and either asks for a reconciliation pass once the
+      transaction commits (``prebuilds.refill``);
     - one transaction: on any error nothing is written.
     """
     if (template is None) == (preset is None):
@@ -78,8 +81,13 @@ def workspace_request(
     if preset is not None and preset.desired_instances is not None:
         # The preset keeps a pool: hand over a ready prebuild if there is one (DESIGN.md §6).
         from prebuilds.claims import claim_prebuild, claim_record
+        from prebuilds.refill import refill_request
 
         claimed = claim_prebuild(user, preset, name)  # records the claim itself
+        # Claim or miss, the pool is short now: refill it as soon as this commits (never
+        # before: a pass reading the snapshot earlier would not see the claim).
+        reason = "claim" if claimed is not None else "miss"
+        transaction.on_commit(partial(refill_request, reason=reason, preset_id=preset.id))
         if claimed is not None:
             return claimed
         claim_record(user=user, preset=preset, workspace=None)

@@ -6,7 +6,8 @@ CPU: Django's request cycle and middleware, the hand-over to a WSGI thread and b
 plumbing, and Celery's publisher (a millisecond alone). One process tops out near 100 claims a
 second, and twenty clients claiming back to back wait ~200 ms each. Here the same claim is ~2 ms
 of CPU on the event loop: async psycopg with prepared statements (4 round trips), one Redis read
-for the rate limiter and one ``LPUSH`` for the build's job.
+for the rate limiter and one ``LPUSH`` for the build's job. After the answer is sent, one Redis
+``SET NX`` asks for the pool's refill (``prebuilds.refill``, coalesced).
 
 What it serves: only a request it can answer completely, and exactly as the Django view would
 (same rows written, same JSON, same headers) — a bearer API token of an active user who is a
@@ -56,6 +57,7 @@ from accounts.services import API_TOKEN_PREFIX, api_token_touch_due, api_token_u
 from config.loops import PerLoop
 from config.sql import columns, load_row
 from prebuilds.claims import claim_prebuild_async
+from prebuilds.refill import refill_request_async
 from workspaces import job_publisher, selectors, serializers
 from workspaces.models import Template, TemplateVersion, TemplateVersionPreset
 from workspaces.services import WorkspaceError
@@ -184,6 +186,9 @@ class FastClaim:
         headers = [*_response_headers(secure), (b"content-length", str(len(payload)).encode())]
         await send({"type": "http.response.start", "status": 201, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
+        # After the answer: the claim committed in ``_claim``; its pool refills at once.
+        build = selectors.latest_build(workspace)
+        await refill_request_async(reason="claim", preset_id=build.preset_id if build else None)
 
     async def _claim(self, scope: dict[str, Any], body: bytes):
         """(workspace, job, secure) after a committed claim; None to hand the request to Django.

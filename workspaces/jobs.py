@@ -231,7 +231,7 @@ def jobs_fail_unserved_host_jobs(*, timeout: timedelta) -> list[UUID]:
     minutes = timeout.total_seconds() / 60
     failed = []
     for job_id, queue in list(unserved.values_list("id", "queue")[:REQUEUE_BATCH]):
-        host = queue.removeprefix(routing.HOST_QUEUE_PREFIX)
+        host = routing.queue_host(queue)
         message = (
             f"No worker on host {host!r} took this job within {minutes:g} minutes. The "
             "workspace's processes live on that host; if it is gone for good, use the admin "

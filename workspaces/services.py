@@ -124,14 +124,17 @@ def workspace_create(
     return workspace
 
 
-def job_queue(*, version: TemplateVersion, host_queue: str) -> str:
+def job_queue(*, version: TemplateVersion, host_queue: str, prebuild: bool = False) -> str:
     """The Celery queue of a build's job on ``version`` for a workspace with ``host_queue``.
 
     Later builds of a local workspace must run on the worker host that holds its processes.
+    A ``prebuild`` build (the reconciler's) goes to the prebuild queues, everything else (claims,
+    people's builds) to the people's queues, whose workers the pool never occupies
+    (``workspaces.routing``).
     """
-    if version.provisioner == Provisioner.LOCAL and host_queue:
-        return host_queue
-    return routing.DEFAULT_QUEUE
+    if version.provisioner != Provisioner.LOCAL:
+        host_queue = ""
+    return routing.build_queue(host_queue=host_queue, prebuild=prebuild)
 
 
 @transaction.atomic
@@ -175,7 +178,9 @@ def build_create(
     if template_version is None and preset is None and latest is not None:
         preset = latest.preset
     number = (latest.build_number if latest is not None else 0) + 1
-    queue = job_queue(version=version, host_queue=locked.host_queue)
+    queue = job_queue(
+        version=version, host_queue=locked.host_queue, prebuild=reason == BuildReason.PREBUILD
+    )
     job = ProvisionerJob.objects.create(organization_id=locked.organization_id, queue=queue)
     build = WorkspaceBuild.objects.create(
         workspace=locked,

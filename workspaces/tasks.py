@@ -15,7 +15,7 @@ from celery import shared_task
 from django.conf import settings
 
 from workspaces import jobs, routing
-from workspaces.models import ProvisionerJob
+from workspaces.models import BuildReason, ProvisionerJob, WorkspaceBuild
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ def run_provisioner_job(job_id: str) -> str | None:
         logger.warning("job_not_found job=%s; message dropped", parsed)
         return None
     job = jobs.job_execute(parsed, worker=routing.worker_identity())
+    if job is not None:
+        _refill_after_prebuild_build(job)
     return job.status if job is not None else None
 
 
@@ -51,6 +53,17 @@ def stop_failed_prebuild(job_id: str) -> bool:
         logger.error("job_message_invalid job=%r; dropped", job_id)
         return False
     return jobs.prebuild_stop_processes(parsed)
+
+
+def _refill_after_prebuild_build(job: ProvisionerJob) -> None:
+    """A prebuild build that finished frees room under the in-flight cap (a paced fill's next
+    builds) or failed (back-off to decide): ask for a pass now rather than at the next interval."""
+    build = WorkspaceBuild.objects.filter(job_id=job.id, reason=BuildReason.PREBUILD).first()
+    if build is not None:
+        from prebuilds.refill import refill_request  # the feature's hook; workspaces stays below
+
+        reason = f"prebuild_{build.transition}_{job.status}"
+        refill_request(reason=reason, preset_id=build.preset_id)
 
 
 # Safe with several beat schedulers: every failure is a conditional update.

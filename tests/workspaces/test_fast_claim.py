@@ -414,3 +414,32 @@ def test_with_the_rate_limiters_cache_down_the_view_claims_and_the_outage_is_log
     # One line for the outage (from the limiter), none per request, no traceback.
     assert [r.getMessage().split()[0] for r in records] == ["ratelimit_cache_unavailable"]
     assert records[0].exc_info is None
+
+
+def test_a_fast_claim_asks_for_a_refill_after_it_commits():
+    from django.core.cache import cache
+
+    from prebuilds import refill
+    from workspaces import routing
+
+    cache.delete(refill.PENDING_KEY)  # nothing pending from an earlier claim
+    before = broker_messages(routing.CONTROL_QUEUE)
+    preset = PresetFactory()
+    prebuild(preset)
+
+    response, served = post(fresh_token(UserFactory()), claim_body(preset))
+
+    assert response.status_code == 201 and served.handed_over == []
+    refills = [
+        m
+        for m in broker_messages(routing.CONTROL_QUEUE)
+        if m["headers"]["task"] == refill.REFILL_TASK and m not in before
+    ]
+    assert len(refills) == 1
+    # A second claim while that pass is pending is coalesced into it.
+    prebuild(preset)
+    response, served = post(fresh_token(UserFactory()), claim_body(preset, "dev2"))
+    assert response.status_code == 201 and served.handed_over == []
+    after = [m for m in broker_messages(routing.CONTROL_QUEUE) if m not in before]
+    assert len([m for m in after if m["headers"]["task"] == refill.REFILL_TASK]) == 1
+    cache.delete(refill.PENDING_KEY)

@@ -87,14 +87,15 @@ def command_template(command: list[str], *, agents: list[dict] | None = None) ->
 
 @contextlib.contextmanager
 def celery_worker(data_dir: Path, *, heartbeat_interval: float = 0.3) -> Iterator[Worker]:
-    """A real ``celery worker --pool solo`` on ``default`` and this host's queue, always killed."""
+    """A real ``celery worker --pool solo`` on every queue (``routing.worker_queues()``), always
+    killed."""
     env = process_env(
         DATA_DIR=str(data_dir),
         ACCESS_URL=closed_port_url(),
         PROVISIONER_HEARTBEAT_INTERVAL=str(heartbeat_interval),
     )
     log_path = data_dir / "worker.log"
-    queues = ",".join([routing.DEFAULT_QUEUE, routing.host_queue()])
+    queues = ",".join(routing.worker_queues())
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [
