@@ -114,6 +114,11 @@ class LocalProvisioner(Provisioner):
         else:
             raise ProvisionError(f"unknown transition {request.transition!r}")
 
+    def stop_processes(self, workspace_id: str, log: LogFn) -> None:
+        """Stop every process of one workspace (agents, then leftovers by the environment
+        marker) without a build: ``manage.py stop_workspaces`` (workspaces.stopping)."""
+        self._stop(workspace_id, self.workspace_dir(workspace_id), log)
+
     # -- transitions ---------------------------------------------------------------------
 
     def _start(
