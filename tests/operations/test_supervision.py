@@ -351,13 +351,21 @@ def test_killed_postgres_is_restarted_the_api_answers_json_503_then_serves(launc
 def test_ctrl_c_after_a_postgres_restart_leaves_only_workspaces_and_stop_workspaces_ends_them(
     launcher,
 ):
-    """Expectation: after a PostgreSQL restart (the previous scenario), Ctrl-C (SIGINT to the
-    launcher) stops web, worker, beat, PostgreSQL (the restarted postmaster, found by its pid
-    file) and Redis: no process of the DATA_DIR is left except the workspace processes, which
-    by design outlive the control plane (and the launcher says so); then
+    """Expectation: after a PostgreSQL restart (the previous scenario's, or one here), Ctrl-C
+    (SIGINT to the launcher) stops web, worker, beat, PostgreSQL (the restarted postmaster,
+    found by its pid file) and Redis: no process of the DATA_DIR is left except the workspace
+    processes, which by design outlive the control plane (and the launcher says so); then
     `manage.py stop_workspaces` ends those and leaves no server of the DATA_DIR running."""
-    if launcher.postgres_pid() is None or "postgres restarted (pid" not in launcher.log():
-        pytest.fail("needs the PostgreSQL restart of the previous scenario")
+    if "postgres restarted (pid" not in launcher.log():  # run alone: restart it here
+        postgres = launcher.postgres_pid()
+        os.kill(postgres, signal.SIGKILL)
+        _restarted(launcher, "postgres", postgres, launcher.postgres_pid)
+    wait_until(
+        lambda: len(launcher.workspace_processes()) >= 2,
+        120,
+        what="the demo prebuilds' agents",
+        diagnose=launcher.tail,
+    )
     workspaces = launcher.workspace_processes()
     assert workspaces, "the demo pool's agents should be running"
 
@@ -388,3 +396,93 @@ def test_ctrl_c_after_a_postgres_restart_leaves_only_workspaces_and_stop_workspa
         what="every process of the DATA_DIR to be gone",
         diagnose=lambda: repr([_cmdline(pid)[:150] for pid in launcher.processes()]),
     )
+
+
+# -- the broker's outage and the workspace stop command (on a scenario cluster) ----------------
+
+
+def test_a_claim_committed_while_redis_is_down_gets_its_build_once_redis_is_back(cluster):
+    """Expectation: with Redis stopped, a claim still commits (201: the database has the
+    workspace and its pending claim build; the lost message costs nothing); once Redis is
+    back, the pending-job sweep (beat → worker) enqueues the build again and it succeeds, and
+    the agent re-initialises for its new owner, without anyone's help."""
+    setup = cluster.setup(slow_step=1, users=1)
+    web = cluster.web("web1")
+    cluster.worker("worker1")
+    cluster.beat("beat1")
+    wait_until(
+        lambda: cluster.pools_full(setup.presets, 2),
+        90,
+        what="full pools",
+        diagnose=cluster.diagnose,
+    )
+
+    cluster.redis.stop()
+    user = setup.users[0]
+    response = httpx.post(
+        web.url + "/api/v2/workspaces",
+        json={"name": "dev-during-outage", "template_version_preset_id": setup.presets[0]},
+        headers={"Authorization": f"Bearer {user['token']}"},
+        timeout=30,
+    )
+    assert response.status_code == 201, (response.status_code, response.text[:500])
+    workspace = response.json()["id"]
+    [(status,)] = cluster.query(
+        "SELECT j.status FROM workspaces_workspacebuild b JOIN workspaces_provisionerjob j "
+        "ON j.id = b.job_id WHERE b.workspace_id = %s ORDER BY b.build_number DESC LIMIT 1",
+        (workspace,),
+    )
+    assert status == "pending"
+    time.sleep(2)  # the message is lost, not queued somewhere: nothing runs it meanwhile
+    cluster.redis.start()
+    back_at = time.monotonic()
+
+    wait_until(
+        lambda: cluster.workspaces_ready_for_owner([workspace]),
+        120,
+        interval=1,
+        what="the claim build to run and the agent to re-initialise",
+        diagnose=cluster.diagnose,
+    )
+    print(f"claim build done {time.monotonic() - back_at:.1f} s after Redis was back")
+
+
+def test_stop_workspaces_ends_the_workspace_processes_of_its_data_dir_only(cluster, tmp_path):
+    """Expectation: with prebuilds' agents running (and the control plane stopped, as after
+    Ctrl-C), `manage.py stop_workspaces` for another DATA_DIR touches none of them; for the
+    scenario's DATA_DIR it ends every one (agents and what their scripts started) and says
+    how many workspaces it stopped; the workspace records stay."""
+    setup = cluster.setup(slow_step=0.5)
+    web = cluster.web("web1")
+    worker = cluster.worker("worker1")
+    cluster.reconcile_loop("loop1")
+    wait_until(
+        lambda: cluster.pools_full(setup.presets, 2),
+        90,
+        what="full pools",
+        diagnose=cluster.diagnose,
+    )
+    for proc in list(cluster.procs):
+        proc.kill9()  # the control plane is gone; the workspaces are not
+    agents = cluster.agent_processes()
+    assert len(agents) >= 6
+    assert not worker.running() and not web.running()
+
+    other = cluster.env(DATA_DIR=str(tmp_path / "another"))
+    elsewhere = subprocess.run(
+        [PYTHON, "manage.py", "stop_workspaces"],
+        cwd=ROOT,
+        env=other,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert "stopped the processes of 0 workspace(s)" in elsewhere.stdout
+    assert set(agents) <= set(cluster.agent_processes())
+
+    output = cluster.manage("stop_workspaces", timeout=120)
+    assert "stopped the processes of 6 workspace(s)" in output, output
+    assert cluster.agent_processes() == []
+    [(count,)] = cluster.query("SELECT count(*) FROM workspaces_workspace WHERE NOT deleted")
+    assert count == 6
