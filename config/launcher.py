@@ -77,12 +77,6 @@ def _prepare() -> dict[str, str]:
     env["CELERY_BROKER_URL"] = settings.CELERY_BROKER_URL
     env["PORT"] = str(settings.PORT)
     env["DATA_DIR"] = str(settings.DATA_DIR)
-    # Which servers this process runs (embedded) and so watches, restarts and stops.
-    env["WARMSTART_LAUNCHER_EMBEDDED"] = ",".join(
-        name
-        for name, variable in (("postgres", "DATABASE_URL"), ("redis", "CELERY_BROKER_URL"))
-        if not os.environ.get(variable)
-    )
     return env
 
 
@@ -250,8 +244,6 @@ class Service:
         if self.down_since is None:
             self.down_since = now
             log(f"{self.name} (embedded) is not running; restarting it")
-        elif now - self.down_since > 30 and self.retry_at < now:
-            self.retry_at = now + SERVICE_RETRY  # still failing: try every few seconds, quietly
         try:
             self.restart()
         except Exception as exc:
@@ -267,13 +259,10 @@ class Service:
         self.down_since = None
 
 
-def services(env: dict[str, str]) -> list[Service]:
-    """The embedded servers this launcher runs (none when DATABASE_URL/CELERY_BROKER_URL are
-    set: external servers are someone else's to supervise)."""
+def services(data_dir: Path, names: set[str]) -> list[Service]:
+    """The embedded servers this launcher runs: ``names`` of postgres and redis."""
     from config import embedded
 
-    data_dir = Path(env["DATA_DIR"])
-    names = set(filter(None, env.get("WARMSTART_LAUNCHER_EMBEDDED", "").split(",")))
     found = []
     if "postgres" in names:
         found.append(
@@ -299,6 +288,13 @@ def services(env: dict[str, str]) -> list[Service]:
 
 
 def main() -> int:
+    # The embedded servers this process starts, and so watches, restarts and stops; external
+    # ones (DATABASE_URL / CELERY_BROKER_URL set) are someone else's to supervise.
+    embedded_names = {
+        name
+        for name, variable in (("postgres", "DATABASE_URL"), ("redis", "CELERY_BROKER_URL"))
+        if not os.environ.get(variable)
+    }
     try:
         env = _prepare()
     except ImproperlyConfigured as exc:
@@ -312,7 +308,7 @@ def main() -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    watched = services(env)
+    watched = services(Path(env["DATA_DIR"]), embedded_names)
     children = [Child(spec, env) for spec in process_specs(env)]
     for child in children:
         child.start()

@@ -174,12 +174,12 @@ class ReinitListener:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if self.connected.is_set():  # one line per disconnection, not per retry
+                    logger.warning("reinit_listener_disconnected error=%r", exc)
                 self.connected.clear()
                 self.reconnects += 1
                 if outage.is_database_unavailable(exc):
-                    outage.database.failed(exc)  # logged once per interval, not per retry
-                else:
-                    logger.warning("reinit_listener_disconnected error=%r", exc)
+                    outage.database.failed(exc)
                 await asyncio.sleep(delay)
                 # At most 1 s apart: waiters re-check once it is back (web answers within 5 s).
                 delay = min(delay * 2, 1.0)
