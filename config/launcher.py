@@ -12,7 +12,8 @@ Supervision (one log line per event):
   its process group left behind (a killed Celery worker's pool processes) is killed first.
 - The embedded PostgreSQL and Redis are checked every ``POLL`` seconds by their pid files and
   started again after a crash on the same data directory and unix socket, so every client
-  reconnects on its own (config.embedded).
+  reconnects on its own (config.embedded). After Redis restarts, every pending job is enqueued
+  again at once (builds requested while it was down start now, not after the periodic sweep).
 - Ctrl-C (or SIGTERM) stops every child (SIGTERM, then SIGKILL of its process group after
   ``STOP_TIMEOUT``), then the embedded servers, found by their pid files, so a server restarted
   meanwhile is stopped too — unless another process outside the launcher still uses them.
@@ -235,6 +236,7 @@ class Service:
     restart: Callable[[], None]
     stop: Callable[[], None]
     in_use_elsewhere: Callable[[], bool]
+    after_restart: Callable[[], None] | None = None
     retry_at: float = 0.0
     down_since: float | None = field(default=None)
 
@@ -257,6 +259,8 @@ class Service:
         took = time.monotonic() - self.down_since
         log(f"{self.name} restarted (pid {pid}), {took:.1f} s after it was found down")
         self.down_since = None
+        if self.after_restart is not None:
+            self.after_restart()
 
 
 def services(data_dir: Path, names: set[str]) -> list[Service]:
@@ -282,9 +286,34 @@ def services(data_dir: Path, names: set[str]) -> list[Service]:
                 restart=lambda: embedded.restart_redis(data_dir),
                 stop=lambda: embedded.stop_redis(data_dir),
                 in_use_elsewhere=lambda: embedded.redis_used_elsewhere(data_dir),
+                after_restart=_requeue_pending_jobs,
             )
         )
     return found
+
+
+def _requeue_pending_jobs() -> None:
+    """After a broker crash: hand every pending job to the broker again now.
+
+    Redis lost the messages since its last save, and jobs enqueued while it was down never
+    reached it; the periodic sweep would find them only after 30-60 s. A job whose message did
+    survive is now delivered twice, which is harmless (``jobs.job_acquire``: one delivery runs).
+    """
+    from datetime import timedelta
+
+    from django.db import close_old_connections, connection
+
+    from workspaces import jobs
+
+    try:
+        close_old_connections()
+        requeued = jobs.jobs_requeue_pending(older_than=timedelta(0))
+    except Exception as exc:  # the database may be down too; the sweep will do it later
+        log(f"could not re-enqueue pending jobs ({exc!r}); the periodic sweep will")
+        return
+    finally:
+        connection.close()  # back to the pool until the next time
+    log(f"re-enqueued {len(requeued)} pending job(s) after the broker's restart")
 
 
 def main() -> int:
