@@ -170,7 +170,8 @@ def unavailable_response(request: HttpRequest) -> HttpResponse:
 
 
 class UnavailableMiddleware:
-    """First in ``MIDDLEWARE``: while the database outage is tripped, answer 503 at once."""
+    """Early in ``MIDDLEWARE`` (before anything that reads the database): while the database
+    is down, answer 503 at once."""
 
     sync_capable = True
     async_capable = True

@@ -140,9 +140,9 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
-    # First: during a database outage it answers 503 before anything touches the database.
-    "config.outage.UnavailableMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    # Before anything that may touch the database: during an outage it answers 503 at once.
+    "config.outage.UnavailableMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
