@@ -181,18 +181,18 @@ class Child:
     crashes: int = 0  # consecutive exits without a stable run in between
     restart_at: float | None = None
 
-    def start(self) -> None:
+    def start(self, now: float) -> None:
         # Own session and process group: Ctrl-C reaches only the launcher, which stops the
         # children in order; and the group is what a restart cleans up.
         self.popen = subprocess.Popen(self.spec.command, env=self.env, start_new_session=True)
-        self.started_at = time.monotonic()
+        self.started_at = now
         self.restart_at = None
 
     def check(self, now: float) -> None:
         """Notice an exit (schedule the restart) or start it again when its time has come."""
         if self.restart_at is not None:
             if now >= self.restart_at:
-                self.start()
+                self.start(now)
                 log(f"{self.spec.name} restarted (pid {self.popen.pid})")
             return
         if self.popen is None or self.popen.poll() is None:
@@ -340,7 +340,7 @@ def main() -> int:
     watched = services(Path(env["DATA_DIR"]), embedded_names)
     children = [Child(spec, env) for spec in process_specs(env)]
     for child in children:
-        child.start()
+        child.start(time.monotonic())
     print(f"Warmstart is running on http://127.0.0.1:{env['PORT']}/ (Ctrl-C stops it)", flush=True)
     while not stopping:
         now = time.monotonic()
