@@ -194,6 +194,14 @@ class UnavailableMiddleware:
             return unavailable_response(request)
         return await self.get_response(request)
 
+    def process_exception(self, request: HttpRequest, exception: Exception):
+        """A view that could not reach the database: 503, also with ``DEBUG`` on (where Django
+        would show its debug page instead of calling ``handler500``)."""
+        if not is_database_unavailable(exception):
+            return None
+        database.failed(exception)
+        return unavailable_response(request)
+
 
 def server_error(request: HttpRequest, template_name: str = "500.html") -> HttpResponse:
     """``handler500``: the 503 answer when the exception being handled is a database outage

@@ -143,3 +143,13 @@ def test_an_outage_is_logged_once_per_interval_not_per_failure(caplog):
     assert len(lines) == 2, lines
     assert lines[0].startswith("outage kind=database failures=1 ")
     assert lines[1].startswith("outage kind=broker failures=1 ")
+
+
+@pytest.mark.django_db
+@override_settings(ROOT_URLCONF=__name__, DEBUG=True)
+def test_with_debug_on_it_is_still_a_json_503_not_the_debug_page(client):
+    client.raise_request_exception = False
+    response = client.get("/api/v2/broken")
+
+    assert response.status_code == 503
+    assert response.json()["error"] == "unavailable"
