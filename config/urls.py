@@ -20,3 +20,5 @@ urlpatterns = [
 
 # Unknown paths under /api/ answer in the API's JSON error shape; pages keep Django's 404.
 handler404 = "accounts.api.not_found"
+# A database outage answers 503 (JSON under /api/), whatever raised it (config.outage).
+handler500 = "config.outage.server_error"

@@ -54,6 +54,7 @@ from django.utils import timezone
 from accounts import ratelimit, tokens
 from accounts.models import ApiToken, Membership, Organization, User
 from accounts.services import API_TOKEN_PREFIX, api_token_touch_due, api_token_user
+from config import env, outage
 from config.loops import PerLoop
 from config.sql import columns, load_row
 from prebuilds.claims import claim_prebuild_async
@@ -70,8 +71,9 @@ FIELDS = {"name", "template_version_preset_id"}
 # are a few short statements; on the 2-vCPU benchmark machine four connections kept the
 # database busy with the best tail latency (ten made its backends contend: p99 135 vs 70 ms).
 POOL_SIZE = 4
-# Seconds to wait for one of the pool's connections before handing the request to Django.
-CONNECTION_TIMEOUT = 5.0
+# Seconds to wait for one of the pool's connections before handing the request to Django (a
+# database outage: Django then answers 503, config.outage).
+CONNECTION_TIMEOUT = env.POOL_TIMEOUT
 
 USER_DEFERRED = ("password", "last_login", "first_name", "last_name", "email", "date_joined")
 
@@ -213,6 +215,8 @@ class FastClaim:
         if parts is None or request is None:
             return None
         name, preset_id = request
+        if outage.database.down:
+            return None  # Django answers the 503 at once
         try:
             key = ratelimit.key_scope(ratelimit.API_TOKEN, parts[0])
             if await ratelimit.retry_after_async(key) is not None:
@@ -221,14 +225,14 @@ class FastClaim:
             conn = await pool.getconn(timeout=CONNECTION_TIMEOUT)
         except ratelimit.CacheUnavailable:
             return None  # the limiter logged the outage once; the view decides (fails open)
-        except Exception:
-            logger.warning("fast_claim_handed_over", exc_info=True)
+        except Exception as exc:
+            _handed_over(exc)
             return None
         try:
             try:
                 loaded = await _read(conn, parts, preset_id)
-            except Exception:  # e.g. a connection broken by a database restart
-                logger.warning("fast_claim_handed_over", exc_info=True)
+            except Exception as exc:  # e.g. a connection broken by a database restart
+                _handed_over(exc)
                 return None
             if loaded is None:
                 return None
@@ -264,6 +268,16 @@ class FastClaim:
             await close()
 
 
+def _handed_over(exc: Exception) -> None:
+    """A failure before the claim: an outage is logged (once per interval) and tripped, so
+    Django answers this request and the next ones 503 without waiting; anything else is logged
+    here and Django answers as usual."""
+    if outage.is_database_unavailable(exc):
+        outage.database.failed(exc)
+    else:
+        logger.warning("fast_claim_handed_over", exc_info=True)
+
+
 def _new_pool() -> psycopg_pool.AsyncConnectionPool:
     """A pool (not open yet) with Django's own connection parameters: its adapters (JSON as
     text for the model converters, timestamps in UTC) and its prepared-statement threshold."""
@@ -275,6 +289,8 @@ def _new_pool() -> psycopg_pool.AsyncConnectionPool:
         max_size=POOL_SIZE,
         open=False,
         name="fast-claim",
+        # As Django's pool (config.env.database): retry connecting ~1 s apart after an outage.
+        reconnect_timeout=env.POOL_RECONNECT_TIMEOUT,
     )
 
 

@@ -29,7 +29,7 @@ import redis.asyncio
 from asgiref.sync import sync_to_async
 from kombu import serialization
 
-from config import env
+from config import env, outage
 from config.loops import PerLoop
 from workspaces.jobs import RUN_JOB_TASK, job_enqueue
 
@@ -103,8 +103,8 @@ async def job_enqueue_async(job_id: UUID, queue: str) -> None:
         return
     try:
         await _clients.get().lpush(queue, job_message(job_id, queue))
-    except Exception:  # the broker may be down; the sweep will retry
-        logger.exception("job_enqueue_failed job=%s queue=%s", job_id, queue)
+    except Exception as exc:  # the broker may be down; the sweep will retry
+        outage.broker.failed(exc)  # logged once per interval, not once per job
 
 
 async def aclose() -> None:

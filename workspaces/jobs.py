@@ -36,6 +36,7 @@ from django.db.models.functions import Concat
 from django.utils import timezone
 
 from accounts.models import SYSTEM_USER_ID
+from config import outage
 from workspaces import provisioners, routing
 from workspaces.models import (
     AgentLifecycle,
@@ -68,8 +69,8 @@ def job_enqueue(job_id: UUID, queue: str) -> None:
 
     try:
         app.send_task(RUN_JOB_TASK, args=[str(job_id)], queue=queue)
-    except Exception:  # the broker may be down; the sweep will retry
-        logger.exception("job_enqueue_failed job=%s queue=%s", job_id, queue)
+    except Exception as exc:  # the broker may be down; the sweep will retry
+        outage.broker.failed(exc)  # logged once per interval, not once per job
 
 
 def job_acquire(job_id: UUID, *, worker: str) -> ProvisionerJob | None:

@@ -33,7 +33,7 @@ import psycopg
 from asgiref.sync import sync_to_async
 from django.db import close_old_connections, connection
 
-from config import env
+from config import env, outage
 from config.loops import PerLoop
 from workspaces.models import JobStatus, WorkspaceAgent, WorkspaceBuild
 
@@ -163,6 +163,7 @@ class ReinitListener:
                 async with conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self.connected.set()
+                    outage.database.recovered()
                     # Anything notified while we were not listening is found by re-checking.
                     self._wake_all()
                     delay = 0.2
@@ -173,11 +174,15 @@ class ReinitListener:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if self.connected.is_set():  # one line per disconnection, not per retry
+                    logger.warning("reinit_listener_disconnected error=%r", exc)
                 self.connected.clear()
                 self.reconnects += 1
-                logger.warning("reinit_listener_disconnected error=%r retry_in=%.1fs", exc, delay)
+                if outage.is_database_unavailable(exc):
+                    outage.database.failed(exc)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                # At most 1 s apart: waiters re-check once it is back (web answers within 5 s).
+                delay = min(delay * 2, 1.0)
 
     def _dispatch(self, payload: str) -> None:
         try:

@@ -72,3 +72,31 @@ def test_it_starts_with_good_values(tmp_path):
     )
 
     assert result.returncode == 0, result.stderr
+
+
+def _command(tmp_path: Path, *command: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CELERY_BROKER_URL")}
+    env.update(DATA_DIR=str(tmp_path))
+    return subprocess.run(
+        [sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize(
+    "command", [("manage.py", "check"), ("-m", "config.launcher")], ids=["manage.py", "make run"]
+)
+def test_a_data_dir_that_cannot_be_created_stops_start_up_with_one_line_naming_it(
+    tmp_path, command
+):
+    occupied = tmp_path / "a-file"
+    occupied.write_text("")
+    data_dir = occupied / "data"  # cannot be created: its parent is a file
+
+    result = _command(data_dir, *command)
+
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "DATA_DIR:" in lines[0]
+    assert str(data_dir) in lines[0]
+    assert "Traceback" not in result.stderr

@@ -89,6 +89,9 @@ class LocalProvisioner(Provisioner):
         return self.root / str(workspace_id)
 
     def stop_processes(self, workspace_id: str, log: LogFn) -> None:
+        """Stop every process of one workspace (agents, then leftovers by the environment
+        marker) without a build: a failed prebuild (workspaces.jobs) and ``manage.py
+        stop_workspaces`` (workspaces.stopping)."""
         # What a stop does (agents, then leftovers carrying the marker), minus nothing: a stop
         # never removed the directory or the agents' logs either.
         _reap()
