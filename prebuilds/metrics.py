@@ -8,9 +8,9 @@ passes run in Celery workers, scrapes hit web processes.
   system user, reason `prebuild`), `failed` those whose job failed, `claimed` workspaces with
   `claimed_at` set, by the preset of their first build. Rows are never removed (a deleted
   workspace is only flagged), so the counts only grow.
-- Gauges `desired`/`running`/`eligible`/`unhealthy` are the figures of the latest pass that held the lock
-  (`ReconciliationPass.preset_counts`): the reconciler already computed them at one `now`,
-  and re-deriving them per scrape would cost a full snapshot.
+- Gauges `desired`/`running`/`eligible`/`unhealthy` are the figures of the latest pass that
+  held the lock (`ReconciliationPass.preset_counts`): the reconciler already computed them at
+  one `now`, and re-deriving them per scrape would cost a full snapshot.
 - `prebuilds_reconciliation_last_pass_timestamp_seconds`: when the newest pass that held the
   lock started (0 before the first), for the "passes stopped" alert.
 - `prebuilds_reconciliation_duration_seconds` is a *gauge histogram* of the passes of the last
