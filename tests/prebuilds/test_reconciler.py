@@ -100,7 +100,11 @@ def test_it_deletes_extraneous_prebuilds_oldest_first():
     assert newest.builds.count() == 1
     document = pass_document(result)["presets"][0]
     assert document["actions"] == [
-        {"type": "delete", "workspace_ids": [str(oldest.id), str(older.id)]}
+        {
+            "type": "delete",
+            "workspace_ids": [str(oldest.id), str(older.id)],
+            "reason": "extraneous",
+        }
     ]
 
 
@@ -145,7 +149,11 @@ def test_it_holds_creation_during_backoff(settings):
 
     assert pool(preset) == []
     assert pass_document(result)["presets"][0]["actions"] == [
-        {"type": "backoff", "until": (now + timedelta(seconds=60)).isoformat()}
+        {
+            "type": "backoff",
+            "until": (now + timedelta(seconds=60)).isoformat(),
+            "reason": "recent_failures_1",
+        }
     ]
     reconcile(now=now + timedelta(seconds=61))
     assert len(pool(preset)) == 1
@@ -210,7 +218,9 @@ def test_a_paused_reconciler_reports_but_executes_nothing():
     result = reconcile()
 
     assert result.paused and result.lock_acquired and result.actions_taken == 0
-    assert pass_document(result)["presets"][0]["actions"] == [{"type": "create", "count": 2}]
+    assert pass_document(result)["presets"][0]["actions"] == [
+        {"type": "create", "count": 2, "reason": "below_desired"}
+    ]
     assert pool(preset) == []
     assert ReconciliationPass.objects.get().paused
 
@@ -224,7 +234,9 @@ def test_a_dry_run_executes_and_records_nothing():
     document = pass_document(result)
     assert document["lock_acquired"] is True and document["paused"] is False
     by_id = {p["preset_id"]: p for p in document["presets"]}
-    assert by_id[str(other.id)]["actions"] == [{"type": "create", "count": 1}]
+    assert by_id[str(other.id)]["actions"] == [
+        {"type": "create", "count": 1, "reason": "below_desired"}
+    ]
     assert by_id[str(preset.id)]["status"] == "validation_failed"
     preset.refresh_from_db()
     assert preset.prebuild_status == PrebuildStatus.HEALTHY  # shown, not stored
@@ -286,7 +298,7 @@ def test_it_records_passes_and_prunes_old_ones():
         1,
         0,
     )
-    assert row.preset_counts == {str(preset.id): [3, 2, 1]}
+    assert row.preset_counts == {str(preset.id): [3, 2, 1, 0]}
     assert row.duration_seconds == pytest.approx(result.duration_seconds)
 
 
