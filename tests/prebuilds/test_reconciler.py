@@ -333,3 +333,83 @@ def test_it_skips_a_prebuild_whose_build_started_after_the_snapshot():
 
     assert prebuild_delete(workspace_id=busy.id, owner=system_user()) is False
     assert busy.builds.count() == 1
+
+
+# -- unhealthy prebuilds (issue 12) -------------------------------------------------------------
+
+
+def _agent_gone(workspace: Workspace, **fields) -> None:
+    from workspaces.models import WorkspaceAgent
+
+    WorkspaceAgent.objects.filter(workspace=workspace).update(**fields)
+
+
+@pytest.mark.parametrize(
+    ("fields", "why"),
+    [
+        ({"last_seen_at_ago": 61}, "agent_disconnected"),  # 30 s timeout + 30 s grace
+        ({"lifecycle_state": "off", "lifecycle_changed_at_ago": 31}, "agent_off"),
+        ({"lifecycle_state": "start_error", "lifecycle_changed_at_ago": 31}, "agent_start_error"),
+    ],
+)
+def test_an_unhealthy_prebuild_is_counted_apart_deleted_and_replaced(settings, caplog, fields, why):
+    settings.AGENT_DISCONNECT_TIMEOUT = 30
+    now = timezone.now()
+    preset = PresetFactory(desired_instances=2)
+    healthy = prebuild(preset, created_at=now - timedelta(minutes=2))
+    broken = prebuild(preset, created_at=now - timedelta(minutes=1))
+    _agent_gone(
+        broken,
+        **{
+            name.removesuffix("_ago"): now - timedelta(seconds=value)
+            if name.endswith("_ago")
+            else value
+            for name, value in fields.items()
+        },
+    )
+    caplog.set_level(logging.INFO, logger="prebuilds.reconciler")
+
+    result = reconcile(now=now)
+
+    document = pass_document(result)["presets"][0]
+    assert document["state"]["actual"] == 1
+    assert document["state"]["eligible"] == 1
+    assert document["state"]["unhealthy"] == 1
+    assert document["actions"] == [
+        {"type": "delete", "workspace_ids": [str(broken.id)], "reason": "unhealthy"},
+        {"type": "create", "count": 1, "reason": "below_desired"},
+    ]
+    assert broken.builds.order_by("-build_number").first().transition == "delete"
+    assert healthy.builds.count() == 1
+    assert len(pool(preset)) == 2  # the healthy one and its replacement, on its way
+    assert f"unhealthy={broken.id}:{why}" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"last_seen_at_ago": 45},  # disconnected, still within the grace period
+        {"lifecycle_state": "off", "lifecycle_changed_at_ago": 5},
+    ],
+)
+def test_a_prebuild_within_the_grace_period_is_not_eligible_but_not_replaced_yet(settings, fields):
+    settings.AGENT_DISCONNECT_TIMEOUT = 30
+    now = timezone.now()
+    preset = PresetFactory(desired_instances=1)
+    waiting = prebuild(preset)
+    _agent_gone(
+        waiting,
+        **{
+            name.removesuffix("_ago"): now - timedelta(seconds=value)
+            if name.endswith("_ago")
+            else value
+            for name, value in fields.items()
+        },
+    )
+
+    document = pass_document(reconcile(now=now))["presets"][0]
+
+    state = document["state"]
+    assert (state["actual"], state["eligible"], state["unhealthy"]) == (1, 0, 0)
+    assert document["actions"] == []
+    assert waiting.builds.count() == 1
