@@ -95,6 +95,10 @@ def scratch_database() -> Iterator[str]:
     url = _with_database(base, SCRATCH_DATABASE)
     os.environ["DATABASE_URL"] = url
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+    # Pooled prebuilds inserted as rows (benchmarks.claim, .load) have no agent process to
+    # report for them: they must stay connected for the run (an hour), in this process and in
+    # the web processes it starts. Real agents (the mixed run) are unaffected.
+    os.environ.setdefault("AGENT_DISCONNECT_TIMEOUT", "3600")
     try:
         import django
         from django.core.management import call_command
