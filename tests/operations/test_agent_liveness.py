@@ -127,7 +127,7 @@ def test_a_prebuild_whose_agent_dies_stops_being_claimable_and_is_replaced(
     wait_until(
         lambda: cluster.pools_full(setup.presets, 1),
         90,
-        "the pool refilled",
+        what="the pool refilled",
         diagnose=cluster.diagnose,
     )
     refilled_after = time.monotonic() - killed
