@@ -120,6 +120,14 @@ def claimable_where(now: str = "now()") -> str:
   AND {agents_claimable("w", now)}"""
 
 
+def inline(sql: str, values: dict[str, Any]) -> str:
+    """``sql`` with the (numeric) ``params`` written in, for ORM ``RawSQL`` expressions, whose
+    placeholders are positional. Only numbers are accepted, so nothing can be injected."""
+    for name, value in values.items():
+        sql = sql.replace(f"%({name})s", repr(float(value)))
+    return sql
+
+
 def params(*, disconnect_timeout: float, unhealthy_grace: float | None = None) -> dict[str, Any]:
     """The pieces' parameters; the grace period is the timeout unless given."""
     grace = disconnect_timeout if unhealthy_grace is None else unhealthy_grace
