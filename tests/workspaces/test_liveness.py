@@ -6,7 +6,10 @@ Against a real ASGI server (uvicorn, its own process) on the test database, with
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -16,7 +19,7 @@ import pytest
 from django.utils import timezone
 
 from accounts.models import SYSTEM_USER_ID
-from tests.processes import asgi_server
+from tests.processes import ROOT, asgi_server
 from tests.workspaces.factories import PresetFactory, prebuild
 from workspaces import liveness, serializers
 from workspaces.models import WorkspaceAgent
@@ -159,3 +162,34 @@ def test_the_workspace_json_says_whether_each_agent_is_connected(settings):
         "disconnected",
         None,
     )
+
+
+def test_the_agent_program_heartbeats_while_its_startup_script_runs(server, tmp_path):
+    """A real agent busy in a 3 s startup script (no reinit wait open) stays connected: its
+    heartbeats (every 0.3 s, then the 0.5 s the server asks for) keep `last_seen_at` fresh."""
+    agent = _agent(seen_ago=None)
+    WorkspaceAgent.objects.filter(id=agent.id).update(startup_script="sleep 3")
+    env = {**os.environ, "WORKSPACE_AGENT_TOKEN": agent.plain_token, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "workspaces.agent", "--url", server]
+    process = subprocess.Popen(
+        [*command, "--heartbeat-interval", "0.3"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while WorkspaceAgent.objects.get(id=agent.id).lifecycle_state != "starting":
+            assert time.monotonic() < deadline, "the agent never reported starting"
+            time.sleep(0.05)
+        seen = []
+        for _ in range(5):  # 2.5 s into the script
+            time.sleep(0.5)
+            seen.append(_last_seen(agent))
+        assert WorkspaceAgent.objects.get(id=agent.id).lifecycle_state == "starting"
+        assert seen == sorted(seen) and len(set(seen)) >= 3  # still being heard from
+        assert timezone.now() - seen[-1] < timedelta(seconds=TIMEOUT)
+    finally:
+        process.terminate()
+        process.wait(10)
