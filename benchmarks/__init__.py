@@ -111,6 +111,10 @@ def scratch_database() -> Iterator[str]:
     # the default bounds on pool sizes, which guard operators' input, not the benchmarks.
     os.environ.setdefault("PREBUILDS_MAX_INSTANCES_PER_PRESET", "1000000")
     os.environ.setdefault("PREBUILDS_MAX_INSTANCES_PER_ORGANIZATION", "100000000")
+    # Pooled prebuilds inserted as rows (benchmarks.claim, .load) have no agent process to
+    # report for them: they must stay connected for the run (an hour), in this process and in
+    # the web processes it starts. Real agents (the mixed run) are unaffected.
+    os.environ.setdefault("AGENT_DISCONNECT_TIMEOUT", "3600")
     try:
         import django
         from django.core.management import call_command

@@ -174,6 +174,7 @@ def insert_ready_prebuilds(preset, count: int) -> list[tuple[uuid.UUID, uuid.UUI
             lifecycle_state=AgentLifecycle.READY,
             lifecycle_changed_at=now,
             ready_at=now,
+            last_seen_at=now,  # connected (see AGENT_DISCONNECT_TIMEOUT in scratch_database)
             initialized_owner_id=SYSTEM_USER_ID,
             initialized_at=now,
         )
@@ -345,35 +346,26 @@ def push_demo_template(*, pool: int):
     return pooled, cold
 
 
-ELIGIBLE_COUNT_SQL = """
-SELECT count(*) FROM workspaces_workspace w
-WHERE w.owner_id = %(system)s AND NOT w.deleted AND w.template_id = %(template)s
-  AND EXISTS (SELECT 1 FROM workspaces_workspaceagent a
-              WHERE a.workspace_id = w.id AND a.retired_at IS NULL)
-  AND NOT EXISTS (SELECT 1 FROM workspaces_workspaceagent a
-                  WHERE a.workspace_id = w.id AND a.retired_at IS NULL
-                    AND a.lifecycle_state <> 'ready')
-"""
-
-
 def fill_pool(preset, count: int) -> float:
     """Run the reconciler until ``count`` prebuilds of ``preset`` are ready; answer seconds."""
+    from django.conf import settings
     from django.db import connection
 
-    from accounts.models import SYSTEM_USER_ID
+    from prebuilds import eligibility
     from prebuilds.reconciler import reconcile
 
     started = time.monotonic()
     deadline = started + POOL_TIMEOUT
-    params = {"system": SYSTEM_USER_ID, "template": preset.template_version.template_id}
+    params = eligibility.params(disconnect_timeout=settings.AGENT_DISCONNECT_TIMEOUT)
     last_pass = 0.0
     while True:
         if time.monotonic() - last_pass > 5:
             reconcile()
             last_pass = time.monotonic()
         with connection.cursor() as cursor:
-            cursor.execute(ELIGIBLE_COUNT_SQL, params)
-            ready = cursor.fetchone()[0]
+            # Claimable as the claim judges it (prebuilds.eligibility), per preset.
+            cursor.execute(eligibility.CLAIMABLE_COUNTS_SQL, params)
+            ready = dict(cursor.fetchall()).get(preset.id, 0)
         if ready >= count:
             return time.monotonic() - started
         if time.monotonic() > deadline:

@@ -118,6 +118,7 @@ def _insert_pool(*, templates: int, offset: int) -> tuple[int, int]:
                     token_secret_hash=uuid.uuid4().hex,
                     lifecycle_state=AgentLifecycle.READY,
                     ready_at=now,
+                    last_seen_at=now,
                 )
                 workspaces.append(workspace)
                 jobs.append(job)

@@ -75,6 +75,10 @@ SECURE_HSTS_SECONDS = env.int_("SECURE_HSTS_SECONDS", 31_536_000 if _https else 
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool_("SECURE_HSTS_INCLUDE_SUBDOMAINS", True)
 # Preloading is a commitment about the operator's domain: opt-in only (check W021 silenced).
 SECURE_HSTS_PRELOAD = env.bool_("SECURE_HSTS_PRELOAD", False)
+# Seconds without hearing from an agent (manifest, lifecycle, heartbeat, an open reinit wait)
+# before it counts as disconnected: its prebuild stops being claimable, and a running prebuild
+# whose agent stays disconnected (or reports off) this long again is replaced.
+AGENT_DISCONNECT_TIMEOUT = env.float_("AGENT_DISCONNECT_TIMEOUT", 30, minimum=1)
 # Seconds between `event: ping` heartbeats on the agents' reinit SSE stream (DESIGN.md §7: 15).
 REINIT_PING_INTERVAL = env.float_("REINIT_PING_INTERVAL", 15, minimum=0.1)
 # The claim request's fast path on the event loop (workspaces.fast_claim); false sends every

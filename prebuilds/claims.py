@@ -16,16 +16,17 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 import psycopg
+from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connection, models, transaction
 from django.utils import timezone
 
 from accounts.models import SYSTEM_USER_ID, User
 from config.sql import columns
 from config.sql import insert as sql_insert
+from prebuilds import eligibility
 from prebuilds.models import PrebuildClaim
 from workspaces import jobs, selectors
 from workspaces.models import (
-    AgentLifecycle,
     BuildReason,
     ProvisionerJob,
     TemplateVersionPreset,
@@ -48,9 +49,9 @@ NAME_CONSTRAINT = "workspace_name_unique_live"
 
 # The oldest eligible prebuild of the preset, locked for us. Oldest first because it is the
 # one closest to its TTL.
-# Eligible (DESIGN.md §1): owned by the system user, not deleted, latest build a succeeded start
-# of this preset on the template's active version (template not deleted), every current agent
-# ready (at least one), and not expired by invalidation or TTL. SKIP LOCKED lets concurrent
+# Eligible: the one rule of ``prebuilds.eligibility`` (claimable: system-owned, running, on the
+# active version of a template neither deleted nor deprecated, not expired, every current agent
+# ready and connected), for this preset. SKIP LOCKED lets concurrent
 # claims each take a different prebuild instead of queueing behind one another; a prebuild
 # the reconciler is deleting is locked by it and skipped too.
 # Plans: the statement is prepared once per connection and runs on a generic plan, so the
@@ -67,7 +68,8 @@ NAME_CONSTRAINT = "workspace_name_unique_live"
 # stops at the first row it can lock. The claim runs it with ``CANDIDATE_WINDOW`` first and,
 # only when that finds nothing (its candidates ineligible, or locked by concurrent claims),
 # once more with no limit (``_lock_tries``): the answer is the whole pool's either way.
-# Agents are tested through the partial index ``agent_current_not_ready``.
+# Agents are tested through the partial index ``agent_current_not_ready`` and one probe of the
+# workspace's current agents for connectivity (``eligibility.agents_claimable``).
 ELIGIBLE_PREBUILD_SQL = f"""
 SELECT w.id, w.organization_id, w.template_id, w.created_at, w.host_queue, latest.build_number
 FROM (
@@ -88,26 +90,9 @@ JOIN LATERAL (
 JOIN workspaces_provisionerjob j ON j.id = latest.job_id
 JOIN workspaces_template t ON t.id = w.template_id
 JOIN workspaces_templateversionpreset p ON p.id = latest.preset_id
-WHERE w.owner_id = '{SYSTEM_USER_ID}'::uuid
-  AND NOT w.deleted
-  AND w.template_id = %(template)s
+WHERE w.template_id = %(template)s
   AND latest.preset_id = %(preset)s
-  AND latest.transition = 'start'
-  AND j.status = 'succeeded'
-  AND NOT t.deleted
-  AND t.active_version_id = latest.template_version_id
-  AND (p.last_invalidated_at IS NULL OR w.created_at >= p.last_invalidated_at)
-  AND (p.invalidate_after IS NULL OR p.invalidate_after <= interval '0'
-       OR now() - w.created_at <= p.invalidate_after)
-  AND EXISTS (
-      SELECT 1 FROM workspaces_workspaceagent a
-      WHERE a.workspace_id = w.id AND a.retired_at IS NULL
-  )
-  AND NOT EXISTS (
-      SELECT 1 FROM workspaces_workspaceagent a
-      WHERE a.workspace_id = w.id AND a.retired_at IS NULL
-        AND a.lifecycle_state <> '{AgentLifecycle.READY.value}'
-  )
+  AND {eligibility.claimable_where()}
 ORDER BY candidate.created_at
 LIMIT 1
 FOR UPDATE OF w SKIP LOCKED
@@ -131,7 +116,7 @@ UPDATE workspaces_workspace w
 # The claimed workspace's current agents, with what the answer shows of them. The other fields
 # are deferred on the loaded agents (read on access, as with ``.only()``), so a later ``save()``
 # writes back only what was read.
-AGENT_FIELDS = ("id", "workspace", "name", "lifecycle_state", "initialized_owner")
+AGENT_FIELDS = ("id", "workspace", "name", "lifecycle_state", "initialized_owner", "last_seen_at")
 AGENTS = columns(
     WorkspaceAgent,
     tuple(f.name for f in WorkspaceAgent._meta.concrete_fields if f.name not in AGENT_FIELDS),
@@ -285,7 +270,11 @@ async def claim_prebuild_async(
 
 def _lock_tries(preset: TemplateVersionPreset) -> tuple[dict[str, Any], dict[str, Any]]:
     """Parameters of ``ELIGIBLE_PREBUILD_SQL``: the window of candidates, then all of them."""
-    params = {"template": preset.template_version.template_id, "preset": preset.id}
+    params = {
+        "template": preset.template_version.template_id,
+        "preset": preset.id,
+        **eligibility.params(disconnect_timeout=settings.AGENT_DISCONNECT_TIMEOUT),
+    }
     return {**params, "window": CANDIDATE_WINDOW}, {**params, "window": None}  # LIMIT NULL: all
 
 

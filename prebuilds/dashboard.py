@@ -55,15 +55,19 @@ from itertools import groupby
 from typing import Any
 from uuid import UUID
 
+from django.conf import settings
 from django.db.models import OuterRef, QuerySet, Subquery
+from django.db.models.expressions import RawSQL
 from django.db.models.fields.json import KeyTransform
 from django.utils import timezone
 
 from accounts.models import SYSTEM_USER_ID
+from prebuilds import eligibility
 from prebuilds.audit import audit_recent
 from prebuilds.models import AuditEntry, PrebuildClaim, ReconciliationPass
 from prebuilds.reconciler import PassResult, PresetResult, reconcile
-from prebuilds.reconciliation import ActionType, is_expired
+from prebuilds.reconciliation import ActionType
+from workspaces.liveness import agent_connection
 from workspaces.models import (
     ACTIVE_JOB_STATUSES,
     BuildReason,
@@ -153,6 +157,7 @@ class PresetRow:
     last_failure_kind: str = ""
     last_failure_error: str = ""
     last_failure_at: datetime | None = None
+    unhealthy: int = 0  # running prebuilds whose agents are gone (issue 12)
 
     @property
     def dom_id(self) -> str:
@@ -183,6 +188,7 @@ COUNT_FIELDS = (
     "deleting",
     "expired",
     "extraneous",
+    "unhealthy",
 )
 
 
@@ -200,6 +206,7 @@ class Totals:
     deleting: int
     expired: int
     extraneous: int
+    unhealthy: int
 
     @property
     def dom_id(self) -> str:
@@ -435,17 +442,26 @@ def _preset_row(
         last_failure_kind=entry.failures.last.kind if entry.failures.last else "",
         last_failure_error=entry.failures.last.error if entry.failures.last else "",
         last_failure_at=entry.failures.last.at if entry.failures.last else None,
+        unhealthy=state.unhealthy,
     )
 
 
 STATUS_WITH_REASON = ("validation_failed", "hard_limited")
+# How a delete's reason (the core's) reads on the page.
+DELETE_WORDS = {"inactive": "on an old version", "unhealthy": "unhealthy"}
+# Why a prebuild is unhealthy (`prebuilds.eligibility.agents_summary`), in words.
+UNHEALTHY_WORDS = {
+    "agent_disconnected": "agent disconnected",
+    "agent_off": "agent off",
+    "agent_shutting_down": "agent shutting down",
+    "agent_start_error": "agent start error",
+}
 
 
 def _action_texts(
     result: PresetResult, names: dict[UUID, str], now: datetime
 ) -> Iterable[ActionText]:
     entry = result.entry
-    running = {prebuild.id: prebuild for prebuild in entry.snapshot.running}
     for action in result.actions:
         if action.type is ActionType.CREATE:
             yield ActionText("create", f"create {action.create}")
@@ -461,13 +477,14 @@ def _action_texts(
             )
         else:
             ids = action.delete_ids
-            if not entry.active:
-                why = "on an old version"
-            elif all(i in running and is_expired(running[i], entry.snapshot, now) for i in ids):
-                why = "expired"
-            else:
-                why = "extraneous"
+            why = DELETE_WORDS.get(action.reason, action.reason or "extraneous")
             shown = tuple(names.get(i, str(i)) for i in ids[:NAMES_SHOWN])
+            if action.reason == "unhealthy":  # say why each one is
+                reasons = entry.unhealthy_reasons
+                shown = tuple(
+                    f"{name} ({UNHEALTHY_WORDS.get(reasons.get(i, ''), 'agent gone')})"
+                    for i, name in zip(ids, shown, strict=False)
+                )
             yield ActionText(
                 "delete",
                 f"delete {len(ids)} {why}",
@@ -574,9 +591,10 @@ class PrebuildLine:
 
     workspace: Workspace
     build: WorkspaceBuild | None
-    agents: tuple[tuple[str, str], ...]  # (name, lifecycle state)
-    ready: bool
+    agents: tuple[tuple[str, str, str], ...]  # (name, lifecycle state, connection)
+    ready: bool  # running, and every agent ready and connected (prebuilds.eligibility)
     expired: bool
+    unhealthy: str = ""  # why its agents count as gone (UNHEALTHY_WORDS), or ""
 
 
 def _latest_build_subquery(value: str) -> Subquery:
@@ -591,11 +609,18 @@ def preset_prebuilds(
     preset: TemplateVersionPreset, *, now: datetime | None = None, limit: int = 200
 ) -> list[PrebuildLine]:
     """Live prebuilds (system-owned, not deleted) whose latest build is of this preset, oldest
-    first, with latest build and current agents: three queries."""
+    first, with latest build and current agents: three queries. Readiness and health are
+    judged by the one rule (`prebuilds.eligibility`), in the same query."""
     now = now or timezone.now()
+    values = eligibility.params(disconnect_timeout=settings.AGENT_DISCONNECT_TIMEOUT)
+    summary = eligibility.inline(eligibility.agents_summary("workspaces_workspace.id"), values)
     workspaces = (
         workspace_queryset()
         .filter(owner_id=SYSTEM_USER_ID, deleted=False)
+        .annotate(
+            agents_claimable=RawSQL(f"SELECT s.claimable FROM ({summary}) s", ()),
+            unhealthy_reason=RawSQL(f"SELECT s.unhealthy_reason FROM ({summary}) s", ()),
+        )
         .annotate(latest_preset_id=_latest_build_subquery("preset_id"))
         .filter(latest_preset_id=preset.id)
         .order_by("created_at", "id")[:limit]
@@ -618,11 +643,17 @@ def preset_prebuilds(
             PrebuildLine(
                 workspace=workspace,
                 build=build,
-                agents=tuple((agent.name, agent.lifecycle_state) for agent in agents),
-                ready=running
-                and bool(agents)
-                and all(agent.lifecycle_state == "ready" for agent in agents),
+                agents=tuple(
+                    (agent.name, agent.lifecycle_state, agent_connection(agent, now=now))
+                    for agent in agents
+                ),
+                ready=running and bool(workspace.agents_claimable),
                 expired=expired,
+                unhealthy=(
+                    UNHEALTHY_WORDS.get(workspace.unhealthy_reason, workspace.unhealthy_reason)
+                    if running and workspace.unhealthy_reason
+                    else ""
+                ),
             )
         )
     return lines

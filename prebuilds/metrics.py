@@ -8,9 +8,9 @@ passes run in Celery workers, scrapes hit web processes.
   system user, reason `prebuild`), `failed` those whose job failed, `claimed` workspaces with
   `claimed_at` set, by the preset of their first build. Rows are never removed (a deleted
   workspace is only flagged), so the counts only grow.
-- Gauges `desired`/`running`/`eligible` are the figures of the latest pass that held the lock
-  (`ReconciliationPass.preset_counts`): the reconciler already computed them at one `now`,
-  and re-deriving them per scrape would cost a full snapshot.
+- Gauges `desired`/`running`/`eligible`/`unhealthy` are the figures of the latest pass that
+  held the lock (`ReconciliationPass.preset_counts`): the reconciler already computed them at
+  one `now`, and re-deriving them per scrape would cost a full snapshot.
 - `prebuilds_reconciliation_last_pass_timestamp_seconds`: when the newest pass that held the
   lock started (0 before the first), for the "passes stopped" alert.
 - `prebuilds_reconciliation_duration_seconds` is a *gauge histogram* of the passes of the last
@@ -128,6 +128,10 @@ SELECT p.id, o.name, t.name, p.name, p.prebuild_status
 """
 
 
+# The gauges read from a pass's `preset_counts`, in its order.
+POOL_GAUGES = ("desired", "running", "eligible", "unhealthy")
+
+
 def _rows(sql: str, params: dict[str, Any]) -> list[tuple]:
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
@@ -214,6 +218,11 @@ class PrebuildsCollector(Collector):
                 ("desired", "Prebuilt workspaces the pool wants (latest pass)."),
                 ("running", "Running prebuilt workspaces (latest pass)."),
                 ("eligible", "Prebuilt workspaces ready to be claimed (latest pass)."),
+                (
+                    "unhealthy",
+                    "Running prebuilt workspaces whose agents are gone, being replaced "
+                    "(latest pass).",
+                ),
             )
         }
         values: dict[str, list[tuple[Labels, float]]] = defaultdict(list)
@@ -222,7 +231,9 @@ class PrebuildsCollector(Collector):
             labels = (names[0], names[1], names[2])
             counts = latest.get(str(preset_id))
             if counts is not None:
-                for name, value in zip(("desired", "running", "eligible"), counts, strict=True):
+                # Passes before issue 12 recorded three counts; `unhealthy` is then 0.
+                counts = [*counts, 0][:4]
+                for name, value in zip(POOL_GAUGES, counts, strict=True):
                     values[name].append((labels, value))
             hard_limited.append((labels, 1.0 if status == PrebuildStatus.HARD_LIMITED else 0.0))
         for name, family in families.items():

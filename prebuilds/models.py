@@ -39,8 +39,9 @@ class PrebuildsSettings(models.Model):
 class ReconciliationPass(models.Model):
     """Statistics of one reconciliation pass, kept for about a day (the pass prunes older rows).
 
-    ``preset_counts`` maps a preset id to ``[desired, actual, eligible]`` at the pass's ``now``;
-    the compact list form keeps a 1,000-preset pass around 50 kB so a day of passes stays small.
+    ``preset_counts`` maps a preset id to ``[desired, actual, eligible, unhealthy]`` at the
+    pass's ``now`` (passes before issue 12 have the first three); the compact list form keeps a
+    1,000-preset pass around 50 kB so a day of passes stays small.
     """
 
     started_at = models.DateTimeField(default=timezone.now, db_index=True)

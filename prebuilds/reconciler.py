@@ -118,6 +118,7 @@ class StateDocument(TypedDict):
     starting: int
     stopping: int
     deleting: int
+    unhealthy: int  # an extra count (DESIGN.md §7): running prebuilds whose agents are gone
 
 
 class FailuresDocument(TypedDict):
@@ -568,14 +569,14 @@ def _log_action(result: PresetResult, action: ReconciliationActions, reason: str
     until = action.backoff_until.isoformat() if action.backoff_until else ""
     detail = {
         ActionType.CREATE: f"count={action.create}",
-        ActionType.DELETE: f"count={len(action.delete_ids)}",
+        ActionType.DELETE: f"count={len(action.delete_ids)}" + _unhealthy_detail(entry, action),
         ActionType.BACKOFF: f"until={until}",
         ActionType.CANCEL_PENDING: f"count={action.cancel_count}",
     }[action.type]
     logger.info(
         "prebuilds_action type=%s %s preset=%s preset_id=%s template=%s version=%s active=%s "
         "desired=%d actual=%d eligible=%d expired=%d extraneous=%d starting=%d stopping=%d "
-        "deleting=%d reason=%s",
+        "deleting=%d unhealthy=%d reason=%s",
         action.type.value,
         detail,
         entry.name,
@@ -591,19 +592,27 @@ def _log_action(result: PresetResult, action: ReconciliationActions, reason: str
         state.starting,
         state.stopping,
         state.deleting,
+        state.unhealthy,
         reason,
     )
+
+
+def _unhealthy_detail(entry: PresetEntry, action: ReconciliationActions) -> str:
+    """` unhealthy=<workspace>:<why>,…` for a delete of unhealthy prebuilds (what happened)."""
+    if action.reason != "unhealthy":
+        return ""
+    reasons = entry.unhealthy_reasons
+    return " unhealthy=" + ",".join(f"{i}:{reasons.get(i, '?')}" for i in action.delete_ids)
 
 
 def _action_reasons(result: PresetResult) -> list[str]:
     """Why each action was decided, for the log line (the core emits expired deletions first)."""
     reasons = []
-    for index, action in enumerate(result.actions):
+    for action in result.actions:
         if not result.entry.active:
             reasons.append("inactive_version")
         elif action.type is ActionType.DELETE:
-            first_delete = index == 0
-            reasons.append("expired" if first_delete and result.state.expired else "extraneous")
+            reasons.append(action.reason or "extraneous")  # the core says why
         elif action.type is ActionType.BACKOFF:
             backoff = result.entry.snapshot.backoff
             reasons.append(f"recent_failures_{backoff.num_failed if backoff else 0}")
@@ -624,7 +633,7 @@ def _record(result: PassResult, now: datetime) -> None:
         errors=result.errors,
         error_details=list(result.error_details[:MAX_ERROR_DETAILS]),
         preset_counts={
-            str(p.entry.id): [p.state.desired, p.state.actual, p.state.eligible]
+            str(p.entry.id): [p.state.desired, p.state.actual, p.state.eligible, p.state.unhealthy]
             for p in result.presets
         },
     )
@@ -665,8 +674,12 @@ def _preset_document(result: PresetResult) -> PresetDocument:
             "starting": state.starting,
             "stopping": state.stopping,
             "deleting": state.deleting,
+            "unhealthy": state.unhealthy,
         },
-        "actions": [action_document(action) for action in result.actions],
+        "actions": [
+            {**action_document(action), "reason": reason}
+            for action, reason in zip(result.actions, _action_reasons(result), strict=True)
+        ],
         "failures": {
             "template": entry.failures.template,
             "infrastructure": entry.failures.infrastructure,

@@ -22,7 +22,7 @@ import enum
 import functools
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from uuid import UUID
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -41,11 +41,18 @@ class ActionType(enum.Enum):
 
 @dataclass(frozen=True)
 class PrebuildInfo:
-    """A running prebuild: owned by the system user, latest build a succeeded `start`."""
+    """A running prebuild: owned by the system user, latest build a succeeded `start`.
+
+    `ready`: every current agent is ready and connected (`prebuilds.eligibility`). `healthy`
+    is False when an agent has been gone (off, or disconnected) past the grace period: such a
+    prebuild is counted apart (`unhealthy`), never eligible, and replaced. An addition to
+    DESIGN.md section 4 with a default, so the contract's constructor still works.
+    """
 
     id: UUID
     created_at: datetime
     ready: bool
+    healthy: bool = True
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,9 @@ class ReconciliationState:
     starting: int
     stopping: int
     deleting: int
+    # Running prebuilds whose agents are gone (not in `actual`); DESIGN.md section 7 allows
+    # the status document's `state` this extra count.
+    unhealthy: int = 0
 
 
 @dataclass(frozen=True)
@@ -114,7 +124,9 @@ class ReconciliationActions:
     delete, oldest first (DELETE), `backoff_until` the end of the backoff (BACKOFF).
     `cancel_count` is an addition to DESIGN.md section 4: the number of pending first builds
     to cancel (CANCEL_PENDING). It is a separate optional field rather than a reuse of
-    `create`, so that `create` never means anything but "create".
+    `create`, so that `create` never means anything but "create". `reason`, another addition,
+    says why a DELETE was decided (one of `DELETE_REASONS`), for logs, pages and the status
+    document.
     """
 
     type: ActionType
@@ -122,6 +134,13 @@ class ReconciliationActions:
     delete_ids: tuple[UUID, ...] = ()
     backoff_until: datetime | None = None
     cancel_count: int = 0
+    # Diagnostics, like the state: not part of what an action *is* (equality ignores it).
+    reason: str = field(default="", compare=False)
+
+
+# Why prebuilds are deleted: their preset is not active any more, they expired, their agents are
+# gone (unhealthy), or the pool is larger than desired.
+DELETE_REASONS = ("inactive", "expired", "unhealthy", "extraneous")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,17 +337,24 @@ def calculate_desired_instances(snapshot: PresetSnapshot, now: datetime) -> int:
 # State and actions
 
 
+def healthy_prebuilds(snapshot: PresetSnapshot) -> list[PrebuildInfo]:
+    """The running prebuilds that count: unhealthy ones are counted apart and replaced."""
+    return [prebuild for prebuild in snapshot.running if prebuild.healthy]
+
+
 def calculate_state(snapshot: PresetSnapshot, now: datetime) -> ReconciliationState:
-    """Diagnostics for the preset at `now`; an inactive preset desires nothing."""
+    """Diagnostics for the preset at `now`; an inactive preset desires nothing.
+
+    Unhealthy prebuilds count only in `unhealthy`: not in `actual`, `expired` or `eligible`.
+    """
     _require_aware(now)
-    expired = sum(1 for prebuild in snapshot.running if is_expired(prebuild, snapshot, now))
-    actual = len(snapshot.running)
+    healthy = healthy_prebuilds(snapshot)
+    expired = sum(1 for prebuild in healthy if is_expired(prebuild, snapshot, now))
+    actual = len(healthy)
     if snapshot.active:
         desired = calculate_desired_instances(snapshot, now)
         eligible = sum(
-            1
-            for prebuild in snapshot.running
-            if prebuild.ready and not is_expired(prebuild, snapshot, now)
+            1 for prebuild in healthy if prebuild.ready and not is_expired(prebuild, snapshot, now)
         )
         extraneous = max(actual - expired - desired, 0)
     else:
@@ -342,6 +368,7 @@ def calculate_state(snapshot: PresetSnapshot, now: datetime) -> ReconciliationSt
         starting=snapshot.starting,
         stopping=snapshot.stopping,
         deleting=snapshot.deleting,
+        unhealthy=len(snapshot.running) - actual,
     )
 
 
@@ -351,9 +378,10 @@ def calculate_actions(
     """The actions that bring the preset toward its desired state, in execution order.
 
     Guarantees: an inactive preset only has pending builds canceled and all its running
-    prebuilds deleted; an active one has expired prebuilds deleted, then extraneous ones,
-    then either a CREATE or a BACKOFF. Backoff and the hard limit only hold back creation.
-    No CREATE comes with a DELETE of non-expired prebuilds, deletions are oldest first
+    prebuilds deleted; an active one has expired prebuilds deleted, then unhealthy ones, then
+    extraneous ones, then either a CREATE or a BACKOFF. Backoff and the hard limit only hold
+    back creation. No CREATE comes with a DELETE of healthy non-expired prebuilds (an unhealthy
+    one is replaced: deleted, and counted as missing), deletions are oldest first
     (`created_at`, then `id`), and no action is emitted with nothing to do.
     """
     state = calculate_state(snapshot, now)
@@ -362,9 +390,9 @@ def calculate_actions(
     return _active_actions(snapshot, state, now, backoff_interval)
 
 
-def _delete(prebuilds: Iterable[PrebuildInfo]) -> ReconciliationActions:
+def _delete(prebuilds: Iterable[PrebuildInfo], reason: str) -> ReconciliationActions:
     ids = tuple(prebuild.id for prebuild in oldest_first(prebuilds))
-    return ReconciliationActions(ActionType.DELETE, delete_ids=ids)
+    return ReconciliationActions(ActionType.DELETE, delete_ids=ids, reason=reason)
 
 
 def _inactive_actions(snapshot: PresetSnapshot) -> list[ReconciliationActions]:
@@ -374,7 +402,7 @@ def _inactive_actions(snapshot: PresetSnapshot) -> list[ReconciliationActions]:
             ReconciliationActions(ActionType.CANCEL_PENDING, cancel_count=snapshot.pending_count)
         )
     if snapshot.running:
-        actions.append(_delete(snapshot.running))
+        actions.append(_delete(snapshot.running, "inactive"))
     return actions
 
 
@@ -384,13 +412,17 @@ def _active_actions(
     now: datetime,
     backoff_interval: timedelta,
 ) -> list[ReconciliationActions]:
-    expired = [prebuild for prebuild in snapshot.running if is_expired(prebuild, snapshot, now)]
-    fresh = [prebuild for prebuild in snapshot.running if not is_expired(prebuild, snapshot, now)]
+    healthy = healthy_prebuilds(snapshot)
+    unhealthy = [prebuild for prebuild in snapshot.running if not prebuild.healthy]
+    expired = [prebuild for prebuild in healthy if is_expired(prebuild, snapshot, now)]
+    fresh = [prebuild for prebuild in healthy if not is_expired(prebuild, snapshot, now)]
     actions = []
     if expired:
-        actions.append(_delete(expired))
+        actions.append(_delete(expired, "expired"))
+    if unhealthy:
+        actions.append(_delete(unhealthy, "unhealthy"))
     if state.extraneous > 0:
-        actions.append(_delete(oldest_first(fresh)[: state.extraneous]))
+        actions.append(_delete(oldest_first(fresh)[: state.extraneous], "extraneous"))
 
     # Stopping and deleting builds are on their way out, so they do not fill the pool.
     to_create = max(state.desired - (state.actual - state.expired) - snapshot.starting, 0)

@@ -10,7 +10,9 @@ Definitions (DESIGN.md sections 1 and 5):
 
 - a *prebuild* is a live workspace owned by the system user; its preset is its latest build's;
 - *running*: the latest build is a `start` whose job succeeded; *ready*: running and every
-  current agent reports `ready` (at least one agent);
+  current agent reports `ready` and is connected (at least one agent); *unhealthy*: running
+  with an agent gone past the grace period — both from `prebuilds.eligibility`, the one home
+  of the rule;
 - *in progress*: the latest build's job is pending, running or canceling, counted by transition;
 - *active* preset: on its template's active version, template neither deleted nor deprecated.
 """
@@ -30,6 +32,7 @@ from django.db import connection
 from django.utils import timezone
 
 from accounts.models import SYSTEM_USER_ID, Membership, User
+from prebuilds import eligibility
 from prebuilds.models import SETTINGS_ID, PrebuildsSettings
 from prebuilds.reconciliation import Backoff, PrebuildInfo, PrebuildSchedule, PresetSnapshot
 from workspaces.models import PrebuildStatus, PresetSchedule, TemplateVersionPreset
@@ -82,6 +85,8 @@ class PresetEntry:
     # status change, so an operator reset starts a fresh count) all failed.
     failure_streak: bool = False
     failures: FailureSummary = field(default_factory=FailureSummary)
+    # Why each unhealthy running prebuild is (`agent_off`, `agent_disconnected`, ...).
+    unhealthy_reasons: dict[UUID, str] = field(default_factory=dict)
 
     @property
     def id(self) -> UUID:
@@ -165,10 +170,10 @@ def reconciliation_snapshot(
     now = now or timezone.now()
     paused = reconciliation_paused()  # query 1
     if preset_ids is None:
-        prebuilds = _prebuild_rows()  # query 2
+        prebuilds = _prebuild_rows(now)  # query 2
         preset_rows = _preset_rows({row["preset_id"] for row in prebuilds})  # query 3
     else:
-        prebuilds = _prebuild_rows_of(preset_ids)  # queries 2a and 2
+        prebuilds = _prebuild_rows_of(preset_ids, now)  # queries 2a and 2
         wanted = set(preset_ids)
         # Query 3 as it is (presets are few, prebuilds many), then only the wanted ones.
         scope = _preset_rows({row["preset_id"] for row in prebuilds})
@@ -200,12 +205,13 @@ def _fetch(sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
 
 # Query 2: the latest build of every live system-owned workspace (`DISTINCT ON (workspace_id)
 # … ORDER BY workspace_id, build_number DESC`, served by the unique (workspace, build_number)
-# index), kept when it is running (succeeded start) or in progress (active job). Readiness is
-# one LATERAL aggregate over the workspace's current agents (the partial `agent_current`
-# index), so it costs one index probe per prebuild rather than a scan of every agent. Failed
+# index), kept when it is running (succeeded start) or in progress (active job). Readiness and
+# health are one LATERAL aggregate over the workspace's current agents
+# (`eligibility.agents_summary`, on the partial `agent_current` index), so they cost one index
+# probe per prebuild rather than a scan of every agent; judged at the pass's `now`. Failed
 # and canceled prebuilds are filtered out here: they are kept for inspection but count for
 # nothing.
-_PREBUILDS_SQL = """
+_PREBUILDS_SQL = f"""
 WITH latest AS (
     SELECT DISTINCT ON (b.workspace_id)
            b.workspace_id, b.preset_id, b.transition, b.job_id, j.status AS job_status,
@@ -217,13 +223,10 @@ WITH latest AS (
      ORDER BY b.workspace_id, b.build_number DESC
 )
 SELECT l.workspace_id, l.preset_id, l.transition, l.job_id, l.job_status, l.created_at,
-       (a.total > 0 AND a.total = a.ready) AS ready
+       a.claimable AS ready, a.unhealthy_reason
   FROM latest l
   LEFT JOIN LATERAL (
-        SELECT COUNT(*) AS total,
-               COUNT(*) FILTER (WHERE ag.lifecycle_state = 'ready') AS ready
-          FROM workspaces_workspaceagent ag
-         WHERE ag.workspace_id = l.workspace_id AND ag.retired_at IS NULL
+        {eligibility.agents_summary("l.workspace_id", now="%(now)s::timestamptz")}
        ) a ON l.transition = 'start' AND l.job_status = 'succeeded'
  WHERE l.preset_id IS NOT NULL
    AND ((l.transition = 'start' AND l.job_status = 'succeeded')
@@ -231,8 +234,9 @@ SELECT l.workspace_id, l.preset_id, l.transition, l.job_id, l.job_status, l.crea
 """
 
 
-def _prebuild_rows() -> list[dict[str, Any]]:
-    return _fetch(_PREBUILDS_SQL, {"system_user": SYSTEM_USER_ID})
+def _prebuild_rows(now: datetime) -> list[dict[str, Any]]:
+    liveness = eligibility.params(disconnect_timeout=settings.AGENT_DISCONNECT_TIMEOUT)
+    return _fetch(_PREBUILDS_SQL, {"system_user": SYSTEM_USER_ID, "now": now, **liveness})
 
 
 # Query 2 for some presets only. The live system-owned workspaces that ever had a build of
@@ -252,12 +256,15 @@ SELECT * FROM ({_PREBUILDS_SQL}) prebuilds
 """
 
 
-def _prebuild_rows_of(preset_ids: Collection[UUID]) -> list[dict[str, Any]]:
+def _prebuild_rows_of(preset_ids: Collection[UUID], now: datetime) -> list[dict[str, Any]]:
     params = {"system_user": SYSTEM_USER_ID, "preset_ids": list(preset_ids)}
     workspace_ids = [row["workspace_id"] for row in _fetch(_PRESET_WORKSPACES_SQL, params)]
     if not workspace_ids:
         return []
-    return _fetch(_PRESET_PREBUILDS_SQL, {**params, "workspace_ids": workspace_ids})
+    liveness = eligibility.params(disconnect_timeout=settings.AGENT_DISCONNECT_TIMEOUT)
+    return _fetch(
+        _PRESET_PREBUILDS_SQL, {**params, "now": now, "workspace_ids": workspace_ids, **liveness}
+    )
 
 
 # Query 3: the presets in scope with the names of their version, template and organization.
@@ -281,6 +288,7 @@ SELECT p.id, p.name, p.parameters, p.desired_instances, p.invalidate_after,
        t.id AS template_id, t.name AS template,
        o.id AS organization_id, o.name AS organization,
        (t.active_version_id = v.id AND NOT t.deleted AND NOT t.deprecated) AS active
+       -- ^ eligibility.ACTIVE, for a preset rather than a build
   FROM scope s
   JOIN workspaces_templateversionpreset p ON p.id = s.id
   JOIN workspaces_templateversion v ON v.id = p.template_version_id
@@ -419,13 +427,18 @@ def _entry(
     running: list[PrebuildInfo] = []
     in_progress = {"start": 0, "stop": 0, "delete": 0}
     pending_job_ids: list[UUID] = []
+    unhealthy: dict[UUID, str] = {}
     for prebuild in prebuilds:
         if prebuild["job_status"] == "succeeded":  # query 2 only keeps succeeded *starts*
+            reason = prebuild["unhealthy_reason"]
+            if reason is not None:
+                unhealthy[prebuild["workspace_id"]] = reason
             running.append(
                 PrebuildInfo(
                     id=prebuild["workspace_id"],
                     created_at=prebuild["created_at"],
                     ready=bool(prebuild["ready"]),
+                    healthy=reason is None,
                 )
             )
             continue
@@ -471,6 +484,7 @@ def _entry(
         pending_job_ids=tuple(pending_job_ids),
         failure_streak=facts.failure_streak,
         failures=facts.failures,
+        unhealthy_reasons=unhealthy,
     )
 
 

@@ -1,4 +1,4 @@
-"""Agent endpoints of the JSON API (DESIGN.md §7): manifest and lifecycle.
+"""Agent endpoints of the JSON API (DESIGN.md §7): manifest, lifecycle and heartbeat.
 
 Agents authenticate with ``Authorization: Bearer <agent token>`` only; there is no session and
 therefore no CSRF to check. A missing or invalid token — including the token of a retired agent
@@ -25,7 +25,7 @@ from accounts.api import (
     rate_limited_response,
     read_json,
 )
-from workspaces import serializers
+from workspaces import liveness, serializers
 from workspaces.models import (
     REPORTABLE_LIFECYCLE_STATES,
     AgentLifecycle,
@@ -164,3 +164,16 @@ def lifecycle(request: HttpRequest) -> HttpResponse:
 
         claims_mark_ready(workspace_id=request.agent.workspace_id)
     return HttpResponse(status=204)
+
+
+@agent_view(("POST",))
+def heartbeat(request: HttpRequest) -> JsonResponse:
+    """``POST /api/v2/workspaceagents/me/heartbeat``: the agent is alive; 200
+    ``{"heartbeat_interval": seconds}``, how often to send the next ones.
+
+    An addition to DESIGN.md §7 (issue 12): what keeps an agent *connected* while it runs a long
+    startup script and holds no reinit wait open. Writes ``last_seen_at`` only when it is older
+    than ``liveness.write_interval()``, so a heartbeat is usually no write at all.
+    """
+    liveness.agent_seen(request.agent)
+    return JsonResponse({"heartbeat_interval": liveness.heartbeat_interval()})

@@ -19,4 +19,5 @@ urlpatterns = [
     ),
     path("workspaceagents/me/manifest", agent_api.manifest, name="api-agent-manifest"),
     path("workspaceagents/me/lifecycle", agent_api.lifecycle, name="api-agent-lifecycle"),
+    path("workspaceagents/me/heartbeat", agent_api.heartbeat, name="api-agent-heartbeat"),
 ]

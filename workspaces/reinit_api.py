@@ -15,7 +15,9 @@ from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpRe
 
 from accounts import ratelimit, tokens
 from accounts.api import error_response, method_not_allowed, rate_limited_response
+from workspaces import liveness
 from workspaces.agent_api import agent_token_attempt
+from workspaces.models import WorkspaceAgent
 from workspaces.reinit import db_call, wait_for_reinit
 
 DEFAULT_WAIT = 30
@@ -37,16 +39,28 @@ def _parse_wait(raw: str | None) -> int | None:
     return wait if 0 <= wait <= MAX_WAIT else None
 
 
+def _authenticated(request: HttpRequest, token: str | None) -> WorkspaceAgent | None:
+    """The agent holding ``token`` (``agent_token_attempt``), recorded as heard from now."""
+    agent = agent_token_attempt(request, token)
+    if agent is not None:
+        liveness.agent_seen(agent)
+    return agent
+
+
 async def _stream(agent_id: UUID, workspace_id: UUID) -> AsyncIterator[str]:
-    """Pings every ``REINIT_PING_INTERVAL`` seconds until a reinit is due, then the event."""
+    """Pings every ``REINIT_PING_INTERVAL`` seconds until a reinit is due, then the event.
+
+    The agent counts as connected while the stream is open (``liveness.WaitingAgents``).
+    """
     yield ": reinit stream open\n\n"
     interval = settings.REINIT_PING_INTERVAL
-    while True:
-        event = await wait_for_reinit(agent_id, workspace_id, interval)
-        if event is not None:
-            yield _sse("data", dict(event))
-            return
-        yield _sse("ping", {})
+    with liveness.waiting_agents().holding(agent_id):
+        while True:
+            event = await wait_for_reinit(agent_id, workspace_id, interval)
+            if event is not None:
+                yield _sse("data", dict(event))
+                return
+            yield _sse("ping", {})
 
 
 async def reinit(request: HttpRequest) -> HttpResponse:
@@ -59,7 +73,7 @@ async def reinit(request: HttpRequest) -> HttpResponse:
         return method_not_allowed(("GET",))
     token = tokens.bearer(request.headers.get("Authorization"))
     try:
-        agent = await db_call(agent_token_attempt)(request, token)
+        agent = await db_call(_authenticated)(request, token)
     except ratelimit.RateLimited as exc:
         return rate_limited_response(exc)
     if agent is None:
@@ -76,7 +90,9 @@ async def reinit(request: HttpRequest) -> HttpResponse:
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"  # proxies must not buffer the stream
         return response
-    event = await wait_for_reinit(agent.id, agent.workspace_id, wait)
+    # The agent counts as connected while it waits (``liveness.WaitingAgents``).
+    with liveness.waiting_agents().holding(agent.id):
+        event = await wait_for_reinit(agent.id, agent.workspace_id, wait)
     if event is None:
         return HttpResponse(status=204)
     return JsonResponse(event)

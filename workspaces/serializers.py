@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import TypedDict
 
 from accounts.models import User
-from workspaces import selectors
+from workspaces import liveness, selectors
 from workspaces.models import (
     Template,
     TemplateVersion,
@@ -63,6 +63,8 @@ class AgentJSON(TypedDict):
     name: str
     lifecycle_state: str
     initialized_owner_id: str | None
+    connection: str  # "connected" | "disconnected" (workspaces.liveness)
+    last_seen_at: str | None
 
 
 class WorkspaceJSON(TypedDict):
@@ -144,6 +146,8 @@ def agent_json(agent: WorkspaceAgent) -> AgentJSON:
         "name": agent.name,
         "lifecycle_state": agent.lifecycle_state,
         "initialized_owner_id": _str_or_none(agent.initialized_owner_id),
+        "connection": liveness.agent_connection(agent),
+        "last_seen_at": agent.last_seen_at.isoformat() if agent.last_seen_at else None,
     }
 
 

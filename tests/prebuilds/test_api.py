@@ -49,7 +49,7 @@ def test_it_answers_the_dry_run_document_to_staff(staff_client):
     [entry] = body["presets"]
     assert entry["preset_id"] == str(preset.id)
     assert entry["state"]["actual"] == 1
-    assert entry["actions"] == [{"type": "create", "count": 1}]
+    assert entry["actions"] == [{"type": "create", "count": 1, "reason": "below_desired"}]
     assert Workspace.objects.count() == 1  # a status request executes nothing
 
 

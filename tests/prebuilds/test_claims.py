@@ -139,15 +139,16 @@ def test_the_lock_walks_the_pool_oldest_first_and_stops_at_the_first_eligible_on
         prebuild(preset, created_at=timezone.now() - timedelta(minutes=minutes))
     params = claims._lock_tries(preset)[1]  # no window: the planner could sort the pool
     sql = claims.ELIGIBLE_PREBUILD_SQL.replace("%(template)s", "$1").replace("%(preset)s", "$2")
+    sql = sql.replace("%(disconnect_timeout)s", "$4")
     with connection.cursor() as cursor:
         cursor.execute("ANALYZE")
         cursor.execute("SET LOCAL plan_cache_mode = force_generic_plan")
         cursor.execute(
-            "PREPARE lock_probe(uuid, uuid, bigint) AS " + sql.replace("%(window)s", "$3")
+            "PREPARE lock_probe(uuid, uuid, bigint, float8) AS " + sql.replace("%(window)s", "$3")
         )
         cursor.execute(
-            "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE lock_probe(%s, %s, %s)",
-            [params["template"], params["preset"], params["window"]],
+            "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE lock_probe(%s, %s, %s, %s)",
+            [params["template"], params["preset"], params["window"], params["disconnect_timeout"]],
         )
         plan = cursor.fetchone()[0][0]["Plan"]
         cursor.execute("DEALLOCATE lock_probe")
@@ -326,3 +327,51 @@ def test_it_answers_the_workspace_loaded_for_the_answer_without_another_query(
     # The agents are partial rows: what was not read loads on access, never from thin air.
     agent = selectors.current_agents(workspace)[0]
     assert agent.startup_script == type(agent).objects.get(id=agent.id).startup_script
+
+
+# -- liveness and the one definition (issue 12) ------------------------------------------------
+
+
+def _agents_last_seen(workspace: Workspace, seconds_ago: float | None) -> None:
+    seen = None if seconds_ago is None else timezone.now() - timedelta(seconds=seconds_ago)
+    WorkspaceAgent.objects.filter(workspace=workspace).update(last_seen_at=seen)
+
+
+@pytest.mark.parametrize("seconds_ago", [31, 3600, None], ids=["just-gone", "long-gone", "never"])
+def test_it_never_claims_a_prebuild_whose_agent_is_disconnected(settings, seconds_ago):
+    settings.AGENT_DISCONNECT_TIMEOUT = 30
+    preset = PresetFactory()
+    gone = prebuild(preset)
+    _agents_last_seen(gone, seconds_ago)
+
+    assert claim_prebuild(UserFactory(), preset, "dev") is None
+    assert Workspace.objects.get(id=gone.id).owner_id == SYSTEM_USER_ID
+
+
+def test_it_claims_a_connected_prebuild_and_skips_one_whose_agent_is_gone(settings):
+    """Of two agents, one gone is enough to skip the prebuild, even the oldest one."""
+    settings.AGENT_DISCONNECT_TIMEOUT = 30
+    preset = PresetFactory()
+    now = timezone.now()
+    half_gone = prebuild(preset, agents=2, created_at=now - timedelta(minutes=5))
+    WorkspaceAgent.objects.filter(workspace=half_gone, name="agent1").update(
+        last_seen_at=now - timedelta(seconds=40)
+    )
+    alive = prebuild(preset, agents=2, created_at=now - timedelta(minutes=1))
+    _agents_last_seen(alive, 29)  # within the timeout: connected
+
+    workspace = claim_prebuild(UserFactory(), preset, "dev")
+
+    assert workspace is not None and workspace.id == alive.id
+    assert Workspace.objects.get(id=half_gone.id).owner_id == SYSTEM_USER_ID
+
+
+def test_it_never_claims_a_prebuild_of_a_deprecated_template():
+    """The claim read `deleted` but not `deprecated`; the snapshot treats both as inactive."""
+    preset = PresetFactory()
+    prebuild(preset)
+    template = preset.template_version.template
+    template.deprecated = True
+    template.save(update_fields=["deprecated"])
+
+    assert claim_prebuild(UserFactory(), preset, "dev") is None

@@ -25,6 +25,7 @@ STATE_KEYS = {
     "starting",
     "stopping",
     "deleting",
+    "unhealthy",  # an extra count DESIGN.md §7 allows (issue 12)
 }
 PRESET_KEYS = {
     "preset_id",
@@ -81,8 +82,9 @@ def test_it_prints_the_dry_run_document():
             "starting": 0,
             "stopping": 0,
             "deleting": 0,
+            "unhealthy": 0,
         },
-        "actions": [{"type": "create", "count": 2}],
+        "actions": [{"type": "create", "count": 2, "reason": "below_desired"}],
         "failures": {"template": 0, "infrastructure": 0},
         "last_failure": None,
     }
@@ -142,7 +144,9 @@ def test_the_loop_runs_passes_and_exits_cleanly_on_sigterm():
     assert process.returncode == 0, stderr
     documents = [json.loads(line) for line in stdout.splitlines()]
     assert len(documents) >= 3
-    assert documents[0]["presets"][0]["actions"] == [{"type": "create", "count": 1}]
+    assert documents[0]["presets"][0]["actions"] == [
+        {"type": "create", "count": 1, "reason": "below_desired"}
+    ]
     assert documents[-1]["presets"][0]["actions"] == []  # the pool was filled once
     assert Workspace.objects.filter(owner_id=SYSTEM_USER_ID).count() == 1
     assert "stopped" in stderr

@@ -966,3 +966,26 @@ def test_it_shows_the_build_queue(staff_client, preset):
     assert body.index(waiting.name) < body.index(running.name)  # oldest first
     assert "<html" not in body_of(fragment)
     assert body_of(fragment).lstrip().startswith('<div id="queue"')
+
+
+def test_the_pages_show_an_unhealthy_prebuild_with_why(staff_client, settings):
+    """Issue 12: counted apart, named with its reason in the pending delete, and on the preset
+    page marked unhealthy with the agent disconnected."""
+    settings.AGENT_DISCONNECT_TIMEOUT = 30
+    preset = PresetFactory(desired_instances=2)
+    prebuild(preset)
+    gone = prebuild(preset)
+    WorkspaceAgent.objects.filter(workspace=gone).update(
+        last_seen_at=timezone.now() - timedelta(minutes=5)
+    )
+
+    overview = staff_client.get("/prebuilds/").content.decode()
+    assert cell(overview, preset.id, "unhealthy") == "1"
+    assert cell(overview, preset.id, "eligible") == "1"
+    actions = text(cell(overview, preset.id, "actions"))
+    assert "delete 1 unhealthy" in actions and f"{gone.name} (agent disconnected)" in actions
+
+    page = staff_client.get(f"/prebuilds/presets/{preset.id}/").content.decode()
+    line = re.search(rf'id="prebuild-{gone.id}".*?</tr>', page, re.S).group(0)
+    assert '<td><span class="badge bad">unhealthy</span> agent disconnected</td>' in line
+    assert '<span class="badge warn">disconnected</span>' in line  # its agent

@@ -13,7 +13,7 @@ from prebuilds.reconciler import reconcile
 from prebuilds.services import reconciliation_pause
 from tests.accounts.factories import UserFactory
 from tests.workspaces.factories import PresetFactory, TemplateFactory, prebuild
-from workspaces.models import JobStatus, PrebuildStatus, Workspace
+from workspaces.models import JobStatus, PrebuildStatus, Workspace, WorkspaceAgent
 
 pytestmark = pytest.mark.django_db
 
@@ -57,6 +57,10 @@ def test_it_exposes_pool_and_history_metrics(staff_client):
     prebuild(preset)
     prebuild(preset, ready=False)
     prebuild(preset, status=JobStatus.FAILED)
+    gone = prebuild(preset)  # its agent not heard from for an hour: unhealthy
+    WorkspaceAgent.objects.filter(workspace=gone).update(
+        last_seen_at=timezone.now() - timedelta(hours=1)
+    )
     claimed = prebuild(preset)
     Workspace.objects.filter(id=claimed.id).update(
         owner=UserFactory(), name="mine", claimed_at=timezone.now()
@@ -72,12 +76,13 @@ def test_it_exposes_pool_and_history_metrics(staff_client):
     text = response.content.decode()
     values = samples(text)
     mine = labels(preset)
-    assert values[("prebuilt_workspaces_created_total", mine)] == 5
+    assert values[("prebuilt_workspaces_created_total", mine)] == 6
     assert values[("prebuilt_workspaces_failed_total", mine)] == 1
     assert values[("prebuilt_workspaces_claimed_total", mine)] == 1
     assert values[("prebuilt_workspaces_desired", mine)] == 4
     assert values[("prebuilt_workspaces_running", mine)] == 3
     assert values[("prebuilt_workspaces_eligible", mine)] == 2
+    assert values[("prebuilt_workspaces_unhealthy", mine)] == 1
     assert values[("prebuilt_workspaces_preset_hard_limited", mine)] == 0
     assert values[("prebuilt_workspaces_preset_hard_limited", labels(limited))] == 1
     assert values[("prebuilds_reconciliation_paused", frozenset())] == 1

@@ -101,7 +101,11 @@ def test_it_deletes_extraneous_prebuilds_oldest_first():
     assert newest.builds.count() == 1
     document = pass_document(result)["presets"][0]
     assert document["actions"] == [
-        {"type": "delete", "workspace_ids": [str(oldest.id), str(older.id)]}
+        {
+            "type": "delete",
+            "workspace_ids": [str(oldest.id), str(older.id)],
+            "reason": "extraneous",
+        }
     ]
 
 
@@ -146,7 +150,11 @@ def test_it_holds_creation_during_backoff(settings):
 
     assert pool(preset) == []
     assert pass_document(result)["presets"][0]["actions"] == [
-        {"type": "backoff", "until": (now + timedelta(seconds=60)).isoformat()}
+        {
+            "type": "backoff",
+            "until": (now + timedelta(seconds=60)).isoformat(),
+            "reason": "recent_failures_1",
+        }
     ]
     reconcile(now=now + timedelta(seconds=61))
     assert len(pool(preset)) == 1
@@ -278,7 +286,9 @@ def test_a_paused_reconciler_reports_but_executes_nothing():
     result = reconcile()
 
     assert result.paused and result.lock_acquired and result.actions_taken == 0
-    assert pass_document(result)["presets"][0]["actions"] == [{"type": "create", "count": 2}]
+    assert pass_document(result)["presets"][0]["actions"] == [
+        {"type": "create", "count": 2, "reason": "below_desired"}
+    ]
     assert pool(preset) == []
     assert ReconciliationPass.objects.get().paused
 
@@ -292,7 +302,9 @@ def test_a_dry_run_executes_and_records_nothing():
     document = pass_document(result)
     assert document["lock_acquired"] is True and document["paused"] is False
     by_id = {p["preset_id"]: p for p in document["presets"]}
-    assert by_id[str(other.id)]["actions"] == [{"type": "create", "count": 1}]
+    assert by_id[str(other.id)]["actions"] == [
+        {"type": "create", "count": 1, "reason": "below_desired"}
+    ]
     assert by_id[str(preset.id)]["status"] == "validation_failed"
     preset.refresh_from_db()
     assert preset.prebuild_status == PrebuildStatus.HEALTHY  # shown, not stored
@@ -354,7 +366,7 @@ def test_it_records_passes_and_prunes_old_ones():
         1,
         0,
     )
-    assert row.preset_counts == {str(preset.id): [3, 2, 1]}
+    assert row.preset_counts == {str(preset.id): [3, 2, 1, 0]}
     assert row.duration_seconds == pytest.approx(result.duration_seconds)
 
 
@@ -389,3 +401,83 @@ def test_it_skips_a_prebuild_whose_build_started_after_the_snapshot():
 
     assert prebuild_delete(workspace_id=busy.id, owner=system_user()) is False
     assert busy.builds.count() == 1
+
+
+# -- unhealthy prebuilds (issue 12) -------------------------------------------------------------
+
+
+def _agent_gone(workspace: Workspace, **fields) -> None:
+    from workspaces.models import WorkspaceAgent
+
+    WorkspaceAgent.objects.filter(workspace=workspace).update(**fields)
+
+
+@pytest.mark.parametrize(
+    ("fields", "why"),
+    [
+        ({"last_seen_at_ago": 61}, "agent_disconnected"),  # 30 s timeout + 30 s grace
+        ({"lifecycle_state": "off", "lifecycle_changed_at_ago": 31}, "agent_off"),
+        ({"lifecycle_state": "start_error", "lifecycle_changed_at_ago": 31}, "agent_start_error"),
+    ],
+)
+def test_an_unhealthy_prebuild_is_counted_apart_deleted_and_replaced(settings, caplog, fields, why):
+    settings.AGENT_DISCONNECT_TIMEOUT = 30
+    now = timezone.now()
+    preset = PresetFactory(desired_instances=2)
+    healthy = prebuild(preset, created_at=now - timedelta(minutes=2))
+    broken = prebuild(preset, created_at=now - timedelta(minutes=1))
+    _agent_gone(
+        broken,
+        **{
+            name.removesuffix("_ago"): now - timedelta(seconds=value)
+            if name.endswith("_ago")
+            else value
+            for name, value in fields.items()
+        },
+    )
+    caplog.set_level(logging.INFO, logger="prebuilds.reconciler")
+
+    result = reconcile(now=now)
+
+    document = pass_document(result)["presets"][0]
+    assert document["state"]["actual"] == 1
+    assert document["state"]["eligible"] == 1
+    assert document["state"]["unhealthy"] == 1
+    assert document["actions"] == [
+        {"type": "delete", "workspace_ids": [str(broken.id)], "reason": "unhealthy"},
+        {"type": "create", "count": 1, "reason": "below_desired"},
+    ]
+    assert broken.builds.order_by("-build_number").first().transition == "delete"
+    assert healthy.builds.count() == 1
+    assert len(pool(preset)) == 2  # the healthy one and its replacement, on its way
+    assert f"unhealthy={broken.id}:{why}" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"last_seen_at_ago": 45},  # disconnected, still within the grace period
+        {"lifecycle_state": "off", "lifecycle_changed_at_ago": 5},
+    ],
+)
+def test_a_prebuild_within_the_grace_period_is_not_eligible_but_not_replaced_yet(settings, fields):
+    settings.AGENT_DISCONNECT_TIMEOUT = 30
+    now = timezone.now()
+    preset = PresetFactory(desired_instances=1)
+    waiting = prebuild(preset)
+    _agent_gone(
+        waiting,
+        **{
+            name.removesuffix("_ago"): now - timedelta(seconds=value)
+            if name.endswith("_ago")
+            else value
+            for name, value in fields.items()
+        },
+    )
+
+    document = pass_document(reconcile(now=now))["presets"][0]
+
+    state = document["state"]
+    assert (state["actual"], state["eligible"], state["unhealthy"]) == (1, 0, 0)
+    assert document["actions"] == []
+    assert waiting.builds.count() == 1

@@ -789,3 +789,91 @@ VALIDATION_CASES = [
 @pytest.mark.parametrize(("tz", "schedules", "expected"), VALIDATION_CASES)
 def test_it_validates_schedules(tz: str, schedules: list[PrebuildSchedule], expected: str | None):
     assert validate_schedules(tz, schedules) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Unhealthy prebuilds (agents gone past the grace period; issue 12)
+
+
+def unhealthy(n: int, age_minutes: float = 5) -> PrebuildInfo:
+    """Prebuild `n` whose agent is gone: never ready, and not healthy."""
+    return PrebuildInfo(
+        id=uid(n), created_at=NOW - timedelta(minutes=age_minutes), ready=False, healthy=False
+    )
+
+
+UNHEALTHY_CASES = [
+    pytest.param(
+        snapshot(2, running=[prebuild(1), unhealthy(2)]),
+        ReconciliationState(1, 2, 1, 0, 0, 0, 0, 0, unhealthy=1),
+        [delete(2), create(1)],
+        id="replaced:-deleted-and-one-created",
+    ),
+    pytest.param(
+        snapshot(2, running=[prebuild(1), unhealthy(2)], starting=1),
+        ReconciliationState(1, 2, 1, 0, 0, 1, 0, 0, unhealthy=1),
+        [delete(2)],
+        id="its-replacement-already-starting",
+    ),
+    pytest.param(
+        snapshot(1, running=[prebuild(1), unhealthy(2, 10), unhealthy(3, 20)]),
+        ReconciliationState(1, 1, 1, 0, 0, 0, 0, 0, unhealthy=2),
+        [delete(3, 2)],
+        id="not-extraneous:-the-healthy-one-stays",
+    ),
+    pytest.param(
+        snapshot(2, ttl=HOUR, running=[prebuild(1, TTL_EXPIRED), unhealthy(2, TTL_EXPIRED)]),
+        ReconciliationState(1, 2, 0, 1, 0, 0, 0, 0, unhealthy=1),
+        [delete(1), delete(2), create(2)],
+        id="expired-and-unhealthy-counted-once",
+    ),
+    pytest.param(
+        snapshot(1, running=[unhealthy(1)], backoff=Backoff(2, NOW)),
+        ReconciliationState(0, 1, 0, 0, 0, 0, 0, 0, unhealthy=1),
+        [delete(1), backoff_until(NOW + 2 * INTERVAL)],
+        id="deleted-during-backoff",
+    ),
+    pytest.param(
+        snapshot(1, running=[unhealthy(1)], hard_limited=True),
+        ReconciliationState(0, 1, 0, 0, 0, 0, 0, 0, unhealthy=1),
+        [delete(1)],
+        id="deleted-when-hard-limited",
+    ),
+    pytest.param(
+        snapshot(1, active=False, running=[prebuild(1), unhealthy(2)]),
+        ReconciliationState(1, 0, 0, 0, 0, 0, 0, 0, unhealthy=1),
+        [delete(1, 2)],
+        id="inactive:-all-deleted",
+    ),
+    pytest.param(
+        # A ready flag with healthy=False (a snapshot can't say both, but the core must not
+        # count it eligible whatever it is handed).
+        snapshot(
+            1,
+            running=[PrebuildInfo(uid(1), NOW - timedelta(minutes=5), ready=True, healthy=False)],
+        ),
+        ReconciliationState(0, 1, 0, 0, 0, 0, 0, 0, unhealthy=1),
+        [delete(1), create(1)],
+        id="never-eligible",
+    ),
+]
+
+
+@pytest.mark.parametrize(("snap", "state", "actions"), UNHEALTHY_CASES)
+def test_unhealthy_prebuilds_are_counted_apart_and_replaced(
+    snap: PresetSnapshot, state: ReconciliationState, actions: list[ReconciliationActions]
+):
+    assert calculate_state(snap, NOW) == state
+    assert calculate_actions(snap, NOW, INTERVAL) == actions
+
+
+def test_each_delete_says_why():
+    snap = snapshot(
+        1,
+        ttl=HOUR,
+        running=[prebuild(1, TTL_EXPIRED), unhealthy(2), prebuild(3, 10), prebuild(4, 1)],
+    )
+    reasons = [action.reason for action in calculate_actions(snap, NOW, INTERVAL)]
+    assert reasons == ["expired", "unhealthy", "extraneous"]
+    inactive = snapshot(1, active=False, running=[prebuild(1)])
+    assert [a.reason for a in calculate_actions(inactive, NOW, INTERVAL)] == ["inactive"]

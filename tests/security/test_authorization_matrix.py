@@ -119,6 +119,7 @@ MATRIX: list[tuple[Any, ...]] = [
     # --- agent endpoints (agent tokens only) -------------------------------------------------
     ("GET /api/v2/workspaceagents/me/manifest",             401, 401, 401, 401, 200, 401),
     ("POST /api/v2/workspaceagents/me/lifecycle",           401, 401, 401, 401, 204, 401),
+    ("POST /api/v2/workspaceagents/me/heartbeat",           401, 401, 401, 401, 200, 401),
     # The agent's own answer needs committed rows: see test_the_agent_reaches_reinit.
     ("GET /api/v2/workspaceagents/me/reinit?wait=0",        401, 401, 401, 401, None, 401),
 ]

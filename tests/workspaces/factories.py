@@ -131,6 +131,8 @@ class AgentFactory(factory.django.DjangoModelFactory):
     name = "main"
     startup_script = "echo hi"
     lifecycle_state = AgentLifecycle.READY
+    # A live agent: heard from just now (connected, workspaces.liveness).
+    last_seen_at = factory.LazyFunction(timezone.now)
 
     @classmethod
     def _create(cls, model_class, *args, **kwargs):

@@ -57,6 +57,7 @@ def agent(db) -> WorkspaceAgent:
         name="main",
         startup_script="echo hello",
         lifecycle_state=AgentLifecycle.CREATED,
+        last_seen_at=None,  # never heard from yet
     )
 
 

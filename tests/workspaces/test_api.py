@@ -446,6 +446,8 @@ def test_it_shows_a_workspace_to_its_owner(client, alice, preset):
             "name": "main",
             "lifecycle_state": "ready",
             "initialized_owner_id": str(alice.id),
+            "connection": "connected",
+            "last_seen_at": agent.last_seen_at.isoformat(),
         }
     ]
 

@@ -13,6 +13,7 @@ import base64
 import json
 import logging
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -22,14 +23,14 @@ from django.test import override_settings
 from django.utils import timezone
 
 from accounts import ratelimit
-from accounts.models import ApiToken
+from accounts.models import SYSTEM_USER_ID, ApiToken
 from accounts.services import api_token_create
 from config import env
 from prebuilds.models import PrebuildClaim
 from tests.accounts.factories import OrganizationFactory, UserFactory
 from tests.workspaces.factories import PresetFactory, TemplateFactory, prebuild
 from workspaces.jobs import RUN_JOB_TASK
-from workspaces.models import Workspace, WorkspaceBuild
+from workspaces.models import Workspace, WorkspaceAgent, WorkspaceBuild
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -172,6 +173,7 @@ def _without_ids(document: dict) -> dict:
     for agent in document["agents"]:
         agent.pop("id")
         agent.pop("initialized_owner_id")
+        agent.pop("last_seen_at")  # each prebuild's own
     return document
 
 
@@ -443,3 +445,25 @@ def test_a_fast_claim_asks_for_a_refill_after_it_commits():
     after = [m for m in broker_messages(routing.CONTROL_QUEUE) if m not in before]
     assert len([m for m in after if m["headers"]["task"] == refill.REFILL_TASK]) == 1
     cache.delete(refill.PENDING_KEY)
+
+
+def test_a_prebuild_whose_agent_is_gone_is_never_handed_out(settings):
+    """Its agent not heard from within AGENT_DISCONNECT_TIMEOUT: the fast path finds nothing
+    to claim, the view builds cold, and the prebuild stays in the pool (the reconciler
+    replaces it)."""
+    settings.AGENT_DISCONNECT_TIMEOUT = 30
+    preset = PresetFactory(desired_instances=1)
+    gone = prebuild(preset)
+    WorkspaceAgent.objects.filter(workspace=gone).update(
+        last_seen_at=timezone.now() - timedelta(seconds=31)
+    )
+    alice = UserFactory()
+
+    response, served = post(fresh_token(alice), claim_body(preset))
+
+    assert served.handed_over == ["/api/v2/workspaces"]
+    assert response.status_code == 201
+    assert response.json()["claimed_prebuild"] is False
+    assert response.json()["id"] != str(gone.id)
+    assert Workspace.objects.get(id=gone.id).owner_id == SYSTEM_USER_ID
+    assert PrebuildClaim.objects.filter(claimed=False).count() == 1

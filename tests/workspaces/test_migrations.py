@@ -12,7 +12,7 @@ from workspaces.models import JobStatus, ProvisionerJob
 
 pytestmark = pytest.mark.django_db
 
-failure_kind_migration = importlib.import_module("workspaces.migrations.0005_job_failure_kind")
+failure_kind_migration = importlib.import_module("workspaces.migrations.0004_job_failure_kind")
 
 
 def test_it_classifies_existing_failed_jobs_from_their_errors():

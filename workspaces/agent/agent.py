@@ -13,7 +13,12 @@ Threads, and why:
   handlers run in the main thread, so keeping it idle means a signal never
   lands in the middle of an HTTP call or a subprocess hand-over, and shutdown
   does not have to wait for a 30-second long-poll to end;
-- one *output* thread per startup script forwards its output line by line.
+- one *output* thread per startup script forwards its output line by line;
+- a *heartbeat* thread tells the control plane every few seconds that the
+  agent is alive (``POST …/heartbeat``; the answer sets the next interval), so
+  the agent stays *connected* while its startup script runs and no reinit
+  wait is open. A dead agent stops sending, and its prebuild stops being
+  claimable after ``AGENT_DISCONNECT_TIMEOUT``.
 
 Two locks make the shutdown race-free:
 
@@ -67,6 +72,8 @@ DEFAULT_BACKOFF_BASE = 0.5
 DEFAULT_BACKOFF_MAX = 10.0
 DEFAULT_REINIT_WAIT = 30
 DEFAULT_SHUTDOWN_TIMEOUT = 3.0
+# Until the control plane says otherwise (a third of its default disconnect timeout of 30 s).
+DEFAULT_HEARTBEAT_INTERVAL = 10.0
 # After SIGTERM to the script's process group, how long its shell gets to exit
 # before the whole group is SIGKILLed.
 SCRIPT_KILL_GRACE = 2.0
@@ -227,6 +234,7 @@ class Agent:
         backoff_max: float = DEFAULT_BACKOFF_MAX,
         reinit_wait: int = DEFAULT_REINIT_WAIT,
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
         output_fd: int | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -235,6 +243,7 @@ class Agent:
         self._backoff_max = max(backoff_max, backoff_base)
         self._reinit_wait = reinit_wait
         self._shutdown_timeout = shutdown_timeout
+        self._heartbeat_interval = heartbeat_interval
         # Script output is written to the file descriptor with os.write, not
         # through sys.stdout: a daemon thread caught holding sys.stdout's
         # buffer lock when the interpreter exits is a fatal error.
@@ -256,6 +265,7 @@ class Agent:
         """Run until stopped or until the token is rejected; return the exit status."""
         worker = threading.Thread(target=self._worker_main, name="agent-worker", daemon=True)
         worker.start()
+        threading.Thread(target=self._heartbeat_main, name="agent-heartbeat", daemon=True).start()
         # A short join timeout rather than an Event wait: the signal handler
         # must not take a lock the interrupted main thread might be holding.
         while worker.is_alive() and self._stop_reason is None:
@@ -337,6 +347,28 @@ class Agent:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             return self._forwarder
+
+    # -- the heartbeat thread ----------------------------------------------
+
+    def _heartbeat_main(self) -> None:
+        """Report liveness every interval until stopped; failures only delay the next one.
+
+        A 401 ends the heartbeats (the worker thread ends the agent on it); other failures
+        are logged once per streak, since the worker already reports outages loudly.
+        """
+        interval = self._heartbeat_interval
+        failing = False
+        while not self._stop.wait(interval):
+            try:
+                interval = self._client.post_heartbeat() or interval
+            except InvalidTokenError:
+                return
+            except ControlPlaneError as exc:
+                if not failing:
+                    logger.warning("heartbeat failed: %s; retrying every %.1fs", exc, interval)
+                failing = True
+            else:
+                failing = False
 
     # -- the worker thread -------------------------------------------------
 
@@ -617,6 +649,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--shutdown-timeout", type=_positive_float, default=DEFAULT_SHUTDOWN_TIMEOUT, help=hidden
     )
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=_positive_float,
+        default=DEFAULT_HEARTBEAT_INTERVAL,
+        help=hidden,
+    )
     return parser
 
 
@@ -644,6 +682,7 @@ def main(argv: list[str] | None = None) -> int:
         backoff_max=args.backoff_max,
         reinit_wait=args.reinit_wait,
         shutdown_timeout=args.shutdown_timeout,
+        heartbeat_interval=args.heartbeat_interval,
     )
 
     def on_signal(signum: int, frame: object) -> None:

@@ -24,6 +24,7 @@ USER_AGENT = "warmstart-agent/1"
 MANIFEST_PATH = "/api/v2/workspaceagents/me/manifest"
 LIFECYCLE_PATH = "/api/v2/workspaceagents/me/lifecycle"
 REINIT_PATH = "/api/v2/workspaceagents/me/reinit"
+HEARTBEAT_PATH = "/api/v2/workspaceagents/me/heartbeat"
 
 LifecycleState = Literal["starting", "ready", "start_error", "shutting_down", "off"]
 
@@ -153,6 +154,15 @@ class ControlPlaneClient:
     def post_lifecycle(self, state: LifecycleState, *, timeout: float | None = None) -> None:
         """Report one lifecycle state (the contract answers 204)."""
         self.request("POST", LIFECYCLE_PATH, body={"state": state}, timeout=timeout)
+
+    def post_heartbeat(self) -> float | None:
+        """Tell the control plane the agent is alive; answers the interval it asks for next
+        (None when the answer does not say)."""
+        document = self.request("POST", HEARTBEAT_PATH, body={}).json()
+        interval = document.get("heartbeat_interval") if isinstance(document, dict) else None
+        if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval > 0:
+            return float(interval)
+        return None
 
     def wait_for_reinit(self, wait: int) -> ReinitEvent | None:
         """Long-poll the reinit endpoint for up to ``wait`` seconds.
