@@ -78,10 +78,16 @@ def test_stopping_a_child_kills_what_it_left_in_its_group(tmp_path):
     wait_until(lambda: not pid_alive(grandchild), 10, what="the grandchild to be killed")
 
 
-def test_the_process_table_is_web_worker_and_beat():
+def test_the_process_table_is_web_workers_by_role_and_beat():
+    from workspaces.routing import worker_queues
+
     env = {"PORT": "8123", "DATA_DIR": "/tmp/warmstart-data"}
     specs = process_specs(env)
 
-    assert [spec.name for spec in specs] == ["web", "worker", "beat"]
+    assert [spec.name for spec in specs] == ["web", "worker", "prebuild-worker", "control", "beat"]
     assert all(spec.command[0] == sys.executable for spec in specs)
     assert "8123" in specs[0].command
+    # Each worker serves exactly the queues of its role (a claim never waits behind a fill).
+    for spec, role in zip(specs[1:4], ("builds", "prebuilds", "control"), strict=True):
+        queues = spec.command[spec.command.index("--queues") + 1]
+        assert queues.split(",") == worker_queues(role)

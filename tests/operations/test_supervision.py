@@ -161,6 +161,11 @@ def _read(path: str) -> bytes:
         return b""
 
 
+# The people's-builds worker (config.launcher runs three workers by role; their --hostname
+# names them: worker@, prebuild-worker@, control@).
+PEOPLES_WORKER = "--hostname worker@"
+
+
 def _cmdline(pid: int) -> bytes:
     return _read(f"/proc/{pid}/cmdline").replace(b"\0", b" ")
 
@@ -246,12 +251,10 @@ def test_killed_worker_web_and_redis_are_restarted_and_the_site_keeps_serving(la
     afterwards and the restarted worker runs builds (the demo pool fills)."""
     assert launcher.get_me().status_code == 200
 
-    worker = launcher.child_pid("celery -A config worker")
+    worker = launcher.child_pid(PEOPLES_WORKER)
     assert worker is not None, launcher.tail()
     os.killpg(worker, signal.SIGKILL)
-    new_worker = _restarted(
-        launcher, "worker", worker, lambda: launcher.child_pid("celery -A config worker")
-    )
+    new_worker = _restarted(launcher, "worker", worker, lambda: launcher.child_pid(PEOPLES_WORKER))
     assert f"worker (pid {worker}) exited with status -9; restart #1" in launcher.log()
     # The old worker's pool processes were in its process group: none is left.
     assert not [pid for pid in _pids() if _pgid(pid) == worker and pid_alive(pid)]
@@ -280,7 +283,7 @@ def test_killed_worker_web_and_redis_are_restarted_and_the_site_keeps_serving(la
     )
     assert launcher.get_me().status_code == 200
     assert launcher.popen.poll() is None
-    assert launcher.child_pid("celery -A config worker") == new_worker
+    assert launcher.child_pid(PEOPLES_WORKER) == new_worker
 
 
 def claim_request(launcher: Launcher) -> httpx.Response:

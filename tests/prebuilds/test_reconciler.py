@@ -202,7 +202,7 @@ def test_lost_workers_neither_back_off_nor_hard_limit_a_preset(settings):
     assert preset.prebuild_status == PrebuildStatus.HEALTHY
     [document] = pass_document(result)["presets"]
     assert document["status"] == "healthy"
-    assert document["actions"] == [{"type": "create", "count": 2}]
+    assert document["actions"] == [{"type": "create", "count": 2, "reason": "below_desired"}]
     assert document["failures"] == {"template": 0, "infrastructure": 3}
     assert document["last_failure"] == {
         "kind": "infrastructure",
