@@ -6,7 +6,7 @@ Django's WSGI handler on the thread pool, and Django's ASGI handler (the agents'
 long-poll and SSE). A Django middleware would miss the fast path.
 
 Labels stay few on purpose: ``route`` is the resolved URL pattern (``/api/v2/workspaces/
-<uuid:workspace_id>``, never the path with its ids), ``/static/`` for static files,
+<str:workspace_id>``, never the path with its ids), ``/static/`` for static files,
 ``unmatched`` for every path that resolves to nothing (scanners cannot add series); ``method``
 is one of the usual verbs or ``other``; ``status`` is the answered code. Durations run from the
 request's arrival to the end of its response body, so the reinit route's are the long-poll's
