@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from accounts.services import api_token_create
 from prebuilds.reconciler import reconcile
 from tests.accounts.factories import UserFactory
 from tests.prebuilds.test_metrics import samples
-from tests.processes import ROOT, asgi_server
+from tests.processes import ROOT, asgi_server, free_port
 from tests.workspaces.factories import PresetFactory, prebuild
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -165,3 +166,74 @@ def test_the_scrape_configuration_passes_promtool_check_config(tmp_path):
     result = promtool("check", "config", str(tmp_path / "prometheus.yml"))
 
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+def _query(base: str, expr: str) -> list[dict]:
+    answer = httpx.get(f"{base}/api/v1/query", params={"query": expr}, timeout=10).json()
+    assert answer["status"] == "success", answer
+    return answer["data"]["result"]
+
+
+def test_a_real_prometheus_scrapes_with_the_shipped_configuration(server, tmp_path):
+    """Debian's Prometheus server, run with the shipped files, scrapes and evaluates the rules."""
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus is missing: run `make promtool` (Debian's prometheus package)"
+    preset = PresetFactory(desired_instances=2)
+    prebuild(preset)
+    reconcile()
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    # The shipped configuration, pointed at the test server and scraping every second.
+    config = (
+        (DOCS / "prometheus.yml")
+        .read_text()
+        .replace("/etc/prometheus/warmstart_metrics_token", str(token_file))
+        .replace("127.0.0.1:8000", server.removeprefix("http://"))
+        .replace("scrape_interval: 30s", "scrape_interval: 1s")
+        .replace("evaluation_interval: 30s", "evaluation_interval: 1s")
+    )
+    (tmp_path / "prometheus.yml").write_text(config)
+    shutil.copy(DOCS / "alerts.yml", tmp_path / "alerts.yml")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with (tmp_path / "prometheus.log").open("wb") as log:
+        process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        up: list[dict] = []
+        while time.monotonic() < deadline:
+            assert process.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
+            try:
+                up = _query(base, 'up{job="warmstart"}')
+            except (httpx.TransportError, ValueError):  # not listening, or still starting (503)
+                up = []
+            if up and _query(base, "prebuilds_reconciliation_duration_seconds_count"):
+                break
+            time.sleep(0.5)
+
+        assert [sample["value"][1] for sample in up] == ["1"], "scraped with the bearer token"
+        names = _query(base, "coderd_prebuilt_workspaces_desired")
+        assert names, "Coder's names are scraped"
+        assert {"organization_name", "template_name", "preset_name"} <= set(names[0]["metric"])
+        assert _query(base, "process_resident_memory_bytes")
+        evaluated: list[dict] = []
+        while time.monotonic() < deadline:
+            groups = httpx.get(f"{base}/api/v1/rules", timeout=10).json()["data"]["groups"]
+            evaluated = [rule for group in groups for rule in group["rules"]]
+            if all(rule["health"] != "unknown" for rule in evaluated):
+                break
+            time.sleep(0.5)
+        assert len(evaluated) == 11
+        assert {r["name"]: r["health"] for r in evaluated if r["health"] != "ok"} == {}
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
