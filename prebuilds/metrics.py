@@ -22,10 +22,10 @@ passes run in Celery workers, scrapes hit web processes.
 - `prebuilt_workspace_claim_duration_seconds`: a histogram of claim request → every agent ready
   for the new owner, from `PrebuildClaim` rows (never pruned).
 
-Every pool metric is also exposed under Coder's name and labels (`CODER_NAMES`:
-`coderd_prebuilt_workspaces_*` with `organization_name`, `template_name`, `preset_name`), so
-Coder's dashboards and alerts work unchanged. The HTTP and process metrics of the answering
-web process come from `config.http_metrics`.
+Every metric Coder also has is exposed a second time under Coder's name and labels
+(`CODER_NAMES`: `coderd_prebuilt_workspaces_*` with `organization_name`, `template_name`,
+`preset_name`), so Coder's dashboards and alerts work unchanged. The HTTP and process metrics
+of the answering web process come from `config.http_metrics`.
 
 Labels are organization, template and preset *names*; presets of the same name on several
 versions of a template are summed into one series.

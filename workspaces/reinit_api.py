@@ -3,13 +3,14 @@
 Async views: under ASGI a waiting agent costs one coroutine, not a thread or a database
 connection. See ``workspaces.reinit`` for the delivery guarantees.
 
-The SSE stream follows the HTML standard's event-stream format: it opens with a ``retry:``
-hint, sends ``event: ping`` heartbeats (no ``id:``, so they leave the client's last event id
-alone), then one ``event: data`` carrying ``id: <build number>:<owner id>`` and the same JSON as
-the long-poll, and ends. The event is named ``data`` as in Coder (DESIGN.md section 7); a
-browser's ``EventSource.onmessage`` only sees unnamed events, so listen with
-``addEventListener("data", ...)``. A client that reconnects with ``Last-Event-ID`` set to the id
-of the reinit it was sent is not sent it again; a later claim has another id and is sent.
+The SSE stream follows the HTML standard's event-stream format: every event carries a
+``retry:`` hint; ``event: ping`` heartbeats have no ``id:`` (so they leave the client's last
+event id alone); then one ``event: data`` carries ``id: <build number>:<owner id>`` and the
+same JSON as the long-poll, and the stream ends. The event is named ``data`` as in Coder
+(DESIGN.md section 7); a browser's ``EventSource.onmessage`` only sees unnamed events, so
+listen with ``addEventListener("data", ...)``. A client that reconnects with ``Last-Event-ID``
+set to the id of the reinit it was sent is not sent it again; a later claim has another id and
+is sent.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from workspaces.reinit import db_call, wait_for_reinit
 
 DEFAULT_WAIT = 30
 MAX_WAIT = 300
-# Reconnection delay the SSE stream asks of clients (``retry:``, milliseconds): about the
-# agent program's first back-off, short enough that a dropped stream costs little.
+# Reconnection delay the SSE stream asks of clients (``retry:``, milliseconds): short, so a
+# dropped stream costs little, yet a thousand clients of a restarted web process do not all
+# reconnect within the same few milliseconds (browsers add their own back-off on errors).
 SSE_RETRY_MS = 1000
 
 
