@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
 CHROMIUM := /usr/bin/chromium
+PROMTOOL := /usr/bin/promtool
 
-.PHONY: run test lint format check bench venv browser
+.PHONY: run test lint format check bench venv browser promtool
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +26,17 @@ browser:
 		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; \
 	}
 
+# The Prometheus tests check a live /metrics scrape and the shipped rules (docs/prometheus/) with
+# promtool, from Debian's prometheus package. Installed with apt when missing, like Chromium.
+# On a machine run by systemd the package also enables a Prometheus server on :9090
+# (`systemctl disable --now prometheus` if you do not want it); in containers nothing starts.
+promtool:
+	@test -x $(PROMTOOL) || { \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+		echo "Installing prometheus for promtool (apt)"; \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends prometheus; \
+	}
+
 run: venv
 	$(BIN)/python -m config.launcher
 
@@ -36,7 +48,7 @@ format: venv
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: venv lint browser
+test: venv lint browser promtool
 	$(BIN)/python -m pytest
 
 bench: venv

@@ -44,6 +44,8 @@ from django.core.asgi import get_asgi_application  # noqa: E402
 from django.core.wsgi import get_wsgi_application  # noqa: E402
 from django.urls import Resolver404, resolve  # noqa: E402
 
+from config.http_metrics import HttpMetrics  # noqa: E402
+
 
 # Resolving costs about as much as a small view's own work and most requests repeat a few
 # paths (the claim is always ``POST /api/v2/workspaces``); the URLconf does not change while a
@@ -68,8 +70,14 @@ class Application:
 
         self.handles_claim = fast_claim.handles
         self.claim = fast_claim.FastClaim(fallback=self.wsgi)
+        # Counted at the very entry, so every handler's requests are (config/http_metrics.py).
+        self.counted = HttpMetrics(self.dispatch)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await self.counted(scope, receive, send)
+
+    async def dispatch(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Hand the request to the fast claim, the WSGI handler or the ASGI handler."""
         if self.handles_claim(scope):
             await self.claim(scope, receive, send)
         elif scope["type"] == "http" and not is_async_view(scope["path"]):

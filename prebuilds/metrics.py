@@ -13,12 +13,19 @@ passes run in Celery workers, scrapes hit web processes.
   one `now`, and re-deriving them per scrape would cost a full snapshot.
 - `prebuilds_reconciliation_last_pass_timestamp_seconds`: when the newest pass that held the
   lock started (0 before the first), for the "passes stopped" alert.
-- `prebuilds_reconciliation_duration_seconds` is a *gauge histogram* of the passes of the last
-  hour, built from `ReconciliationPass` rows. A process-local `Histogram` would only be seen by
-  the worker process that ran the passes, never by the web process being scraped. Because the
-  window slides, its buckets can go down; the gauge-histogram type says exactly that (the text
-  format writes it as `histogram` with `_bucket`/`_gsum`/`_gcount` samples), so use
-  `histogram_quantile` on the buckets as they are, not on `rate()`.
+- `prebuilds_reconciliation_duration_seconds` is a histogram (`_bucket`, `_count`, `_sum`) of
+  every pass that held the lock, whichever process ran it: each such pass adds itself to
+  `MetricTotal` rows (one upsert), which are never pruned, so the series only grow and
+  `rate(_sum) / rate(_count)` and `histogram_quantile(0.99, rate(_bucket[5m]))` work. (A
+  process-local `Histogram` would only be seen by the worker process that ran the passes,
+  never by the web process being scraped; the pass rows themselves are pruned after a day.)
+- `prebuilt_workspace_claim_duration_seconds`: a histogram of claim request → every agent ready
+  for the new owner, from `PrebuildClaim` rows (never pruned).
+
+Every metric Coder also has is exposed a second time under Coder's name and labels
+(`CODER_NAMES`: `coderd_prebuilt_workspaces_*` with `organization_name`, `template_name`,
+`preset_name`), so Coder's dashboards and alerts work unchanged. The HTTP and process metrics
+of the answering web process come from `config.http_metrics`.
 
 Labels are organization, template and preset *names*; presets of the same name on several
 versions of a template are summed into one series.
@@ -30,17 +37,14 @@ import hmac
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from datetime import timedelta
 from typing import Any
 
 from django.db import connection
 from django.http import HttpRequest, HttpResponse
 from django.urls import path
-from django.utils import timezone
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
-    GaugeHistogramMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
@@ -49,12 +53,13 @@ from prometheus_client.registry import Collector
 
 from accounts import tokens
 from accounts.models import SYSTEM_USER_ID
-from prebuilds.models import ReconciliationPass
+from config import http_metrics
+from prebuilds.models import MetricTotal, ReconciliationPass
 from prebuilds.selectors import reconciliation_paused
 from workspaces.models import PrebuildStatus
 
 LABELS = ("organization", "template", "preset")
-DURATION_WINDOW = timedelta(hours=1)
+DURATION_METRIC = "prebuilds_reconciliation_duration_seconds"
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 Labels = tuple[str, str, str]
@@ -146,9 +151,19 @@ def _sum_by_labels(rows: Iterable[tuple[Labels, float]]) -> dict[Labels, float]:
 
 
 class PrebuildsCollector(Collector):
-    """Reads the prebuild metrics from the database on every `collect` (seven queries)."""
+    """Reads the prebuild metrics from the database on every `collect` (seven queries).
+
+    Each metric is followed by its Coder twin (`coder_alias`), built from the same rows.
+    """
 
     def collect(self) -> Iterator[Metric]:
+        for metric in self._ours():
+            yield metric
+            alias = coder_alias(metric)
+            if alias is not None:
+                yield alias
+
+    def _ours(self) -> Iterator[Metric]:
         yield from self._history()
         yield from self._pool()
         paused = GaugeMetricFamily(
@@ -254,38 +269,127 @@ class PrebuildsCollector(Collector):
         yield limited
 
     def _passes(self) -> Iterator[Metric]:
-        since = timezone.now() - DURATION_WINDOW
-        columns = ", ".join(
-            f"COUNT(*) FILTER (WHERE duration_seconds <= {bound!r})" for bound in DURATION_BUCKETS
+        totals = dict(
+            _rows(
+                "SELECT name, value FROM prebuilds_metrictotal WHERE name LIKE %(prefix)s "
+                "UNION ALL SELECT 'last_pass', EXTRACT(EPOCH FROM MAX(started_at))::float8 "
+                "FROM prebuilds_reconciliationpass WHERE lock_acquired",
+                {"prefix": DURATION_METRIC + ":%"},
+            )
         )
-        row = _rows(
-            "SELECT (SELECT EXTRACT(EPOCH FROM MAX(started_at)) FROM prebuilds_reconciliationpass"
-            "        WHERE lock_acquired), "
-            f"COUNT(*), COALESCE(SUM(duration_seconds), 0), {columns} "
-            "FROM prebuilds_reconciliationpass WHERE lock_acquired AND started_at >= %(since)s",
-            {"since": since},
-        )[0]
-        newest, count, total, cumulative = row[0], row[1], row[2], row[3:]
         last = GaugeMetricFamily(
             "prebuilds_reconciliation_last_pass_timestamp_seconds",
             "Unix time the newest reconciliation pass that held the lock started (0: none yet).",
         )
-        last.add_metric([], float(newest or 0))
+        last.add_metric([], float(totals.pop("last_pass") or 0))
         yield last
-        buckets = [
-            (repr(bound), value) for bound, value in zip(DURATION_BUCKETS, cumulative, strict=True)
-        ]
-        buckets.append(("+Inf", count))
-        yield GaugeHistogramMetricFamily(
-            "prebuilds_reconciliation_duration_seconds",
-            "Durations of the reconciliation passes of the last hour.",
-            buckets=buckets,
-            gsum_value=float(total),
+        buckets, count, total = _duration_histogram(totals)
+        duration = HistogramMetricFamily(
+            DURATION_METRIC, "Durations of the reconciliation passes that held the lock."
         )
+        duration.add_metric([], [*buckets, ("+Inf", count)], sum_value=total)
+        yield duration
+
+
+def _duration_bound(seconds: float) -> str:
+    """The smallest bucket bound ``seconds`` fits in (``+Inf`` past the largest)."""
+    for bound in DURATION_BUCKETS:
+        if seconds <= bound:
+            return repr(bound)
+    return "+Inf"
+
+
+def pass_duration_observe(seconds: float) -> None:
+    """Add one pass that held the lock to the duration histogram's totals (one statement).
+
+    Buckets are stored *non-cumulative* (the count of passes whose smallest bound is ``le``),
+    so one pass touches three rows: its bucket, ``count`` and ``sum``. Two passes recording at
+    once (each after releasing the lock) upsert the same rows in the same (sorted) order, so
+    they queue on the row locks and never deadlock.
+    """
+    rows = sorted(
+        [
+            (f"{DURATION_METRIC}:le={_duration_bound(seconds)}", 1.0),
+            (f"{DURATION_METRIC}:count", 1.0),
+            (f"{DURATION_METRIC}:sum", float(seconds)),
+        ]
+    )
+    table = MetricTotal._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table} (name, value) VALUES (%s, %s), (%s, %s), (%s, %s) "
+            f"ON CONFLICT (name) DO UPDATE SET value = {table}.value + EXCLUDED.value",
+            [part for row in rows for part in row],
+        )
+
+
+def _duration_histogram(
+    totals: dict[str, float],
+) -> tuple[list[tuple[str, float]], float, float]:
+    """Cumulative buckets (without ``+Inf``), count and sum from the stored totals."""
+    per_bound: dict[float, float] = defaultdict(float)
+    for name, value in totals.items():
+        part = name.removeprefix(DURATION_METRIC + ":")
+        if part.startswith("le="):
+            per_bound[float(part.removeprefix("le="))] += value
+    buckets = [
+        (repr(bound), sum(v for b, v in per_bound.items() if b <= bound))
+        for bound in DURATION_BUCKETS
+    ]
+    return (
+        buckets,
+        totals.get(f"{DURATION_METRIC}:count", 0.0),
+        totals.get(f"{DURATION_METRIC}:sum", 0.0),
+    )
+
+
+# Our name -> Coder's (enterprise/coderd/prebuilds/metricscollector.go and its reconciler's
+# metrics), for metrics that mean the same thing. Not aliased: `prebuilt_workspaces_unhealthy`
+# and `prebuilt_workspaces_claim_misses` (Coder has none), and the claim duration (Coder's
+# `coderd_prebuilt_workspace_claim_duration_seconds` times the claim's database work; ours
+# runs to every agent ready for the new owner).
+CODER_NAMES = {
+    "prebuilt_workspaces_created": "coderd_prebuilt_workspaces_created",
+    "prebuilt_workspaces_failed": "coderd_prebuilt_workspaces_failed",
+    "prebuilt_workspaces_claimed": "coderd_prebuilt_workspaces_claimed",
+    "prebuilt_workspaces_desired": "coderd_prebuilt_workspaces_desired",
+    "prebuilt_workspaces_running": "coderd_prebuilt_workspaces_running",
+    "prebuilt_workspaces_eligible": "coderd_prebuilt_workspaces_eligible",
+    "prebuilt_workspaces_preset_hard_limited": "coderd_prebuilt_workspaces_preset_hard_limited",
+    "prebuilds_reconciliation_paused": "coderd_prebuilt_workspaces_reconciliation_paused",
+    DURATION_METRIC: "coderd_prebuilds_reconciliation_duration_seconds",
+    # When the pool gauges were computed: Coder's "metrics last updated".
+    "prebuilds_reconciliation_last_pass_timestamp_seconds": (
+        "coderd_prebuilt_workspaces_metrics_last_updated"
+    ),
+}
+CODER_LABELS = {
+    "organization": "organization_name",
+    "template": "template_name",
+    "preset": "preset_name",
+}
+
+
+def coder_alias(metric: Metric) -> Metric | None:
+    """The same figures under Coder's metric name and label names (None: no Coder twin)."""
+    name = CODER_NAMES.get(metric.name)
+    if name is None:
+        return None
+    alias = Metric(name, metric.documentation, metric.type, metric.unit)
+    alias.samples = [
+        sample._replace(
+            name=name + sample.name.removeprefix(metric.name),
+            labels={CODER_LABELS.get(k, k): v for k, v in sample.labels.items()},
+        )
+        for sample in metric.samples
+    ]
+    return alias
 
 
 registry = CollectorRegistry(auto_describe=False)
 registry.register(PrebuildsCollector())
+# The answering process's HTTP and process metrics: a registry is itself a collector.
+registry.register(http_metrics.registry)
 
 
 def _authorized(request: HttpRequest) -> int | None:

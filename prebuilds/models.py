@@ -63,6 +63,22 @@ class ReconciliationPass(models.Model):
         return f"pass at {self.started_at:%Y-%m-%d %H:%M:%S} ({self.duration_seconds:.3f} s)"
 
 
+class MetricTotal(models.Model):
+    """A running total that outlives the rows it summarises: the state of a Prometheus counter.
+
+    Passes are pruned after a day, but a Prometheus histogram's ``_bucket``/``_count``/``_sum``
+    must only grow, so each pass that held the lock adds itself here as well (one upsert,
+    ``prebuilds.metrics.pass_duration_observe``). Rows are named ``<metric>:<part>``; nothing
+    ever deletes them.
+    """
+
+    name = models.CharField(max_length=100, primary_key=True)
+    value = models.FloatField(default=0)
+
+    def __str__(self) -> str:
+        return f"{self.name} = {self.value:g}"
+
+
 class PrebuildClaim(models.Model):
     """One request for a workspace of a preset that keeps prebuilds: a claim or a miss.
 

@@ -43,6 +43,7 @@ from django.utils import timezone
 
 from accounts.models import Membership, Role, User
 from accounts.services import system_user
+from prebuilds.metrics import pass_duration_observe
 from prebuilds.models import ReconciliationPass
 from prebuilds.pacing import Demand, allowed_creations
 from prebuilds.reconciliation import (
@@ -622,7 +623,10 @@ def _action_reasons(result: PresetResult) -> list[str]:
 
 
 def _record(result: PassResult, now: datetime) -> None:
-    """Store the pass's statistics and prune passes older than `PASS_RETENTION`."""
+    """Store the pass's statistics and prune passes older than `PASS_RETENTION`.
+
+    A pass that held the lock is also added to the duration histogram's never-pruned totals.
+    """
     ReconciliationPass.objects.create(
         started_at=result.started_at,
         duration_seconds=result.duration_seconds,
@@ -637,6 +641,8 @@ def _record(result: PassResult, now: datetime) -> None:
             for p in result.presets
         },
     )
+    if result.lock_acquired:
+        pass_duration_observe(result.duration_seconds)
     ReconciliationPass.objects.filter(started_at__lt=now - PASS_RETENTION).delete()
 
 

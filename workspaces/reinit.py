@@ -26,7 +26,7 @@ import json
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from typing import Any, TypedDict, TypeVar
+from typing import Any, NamedTuple, TypedDict, TypeVar
 from uuid import UUID
 
 import psycopg
@@ -51,6 +51,20 @@ class ReinitEvent(TypedDict):
     reason: str
 
 
+class DueReinit(NamedTuple):
+    """A reinit that is due, with the id naming it on the SSE stream.
+
+    ``event_id`` is ``"<build number>:<owner id>"``: the workspace's latest build (the claim
+    build) and the owner it made. It stays the same for as long as this reinit is due, and a new
+    claim or a later build makes a new one, so an SSE client that presents it back
+    (``Last-Event-ID``) is not sent the reinit it has already seen, while a new one still reaches
+    it.
+    """
+
+    event: ReinitEvent
+    event_id: str
+
+
 def notify_reinit(*, workspace_id: UUID, owner_id: UUID) -> None:
     """Queue the wake-up notification in the current transaction (delivered only on commit)."""
     payload = json.dumps({"workspace_id": str(workspace_id), "owner_id": str(owner_id)})
@@ -58,8 +72,8 @@ def notify_reinit(*, workspace_id: UUID, owner_id: UUID) -> None:
         cursor.execute("SELECT pg_notify(%s, %s)", [CHANNEL, payload])
 
 
-def reinit_due(agent_id: UUID) -> ReinitEvent | None:
-    """The reinit event for this agent if one is due now, else None (two small queries)."""
+def reinit_due(agent_id: UUID) -> DueReinit | None:
+    """The reinit due for this agent now, else None (two small queries)."""
     agent = (
         WorkspaceAgent.objects.select_related("workspace")
         .only("initialized_owner_id", "workspace__owner_id", "workspace__id")
@@ -68,19 +82,20 @@ def reinit_due(agent_id: UUID) -> ReinitEvent | None:
     )
     if agent is None or agent.workspace.owner_id == agent.initialized_owner_id:
         return None
-    latest_status = (
+    latest = (
         WorkspaceBuild.objects.filter(workspace_id=agent.workspace_id)
         .order_by("-build_number")
-        .values_list("job__status", flat=True)
+        .values_list("build_number", "job__status")
         .first()
     )
-    if latest_status != JobStatus.SUCCEEDED:
+    if latest is None or latest[1] != JobStatus.SUCCEEDED:
         return None  # the claim build has not finished yet; its completion will notify
-    return {
+    event: ReinitEvent = {
         "workspace_id": str(agent.workspace_id),
         "owner_id": str(agent.workspace.owner_id),
         "reason": REASON_PREBUILD_CLAIMED,
     }
+    return DueReinit(event, f"{latest[0]}:{agent.workspace.owner_id}")
 
 
 def db_call(function: Callable[..., T]) -> Callable[..., Awaitable[T]]:
@@ -202,12 +217,18 @@ def get_listener() -> ReinitListener:
 
 
 async def wait_for_reinit(
-    agent_id: UUID, workspace_id: UUID, timeout: float, *, heartbeat: float | None = None
-) -> ReinitEvent | None:
+    agent_id: UUID,
+    workspace_id: UUID,
+    timeout: float,
+    *,
+    heartbeat: float | None = None,
+    seen: str | None = None,
+) -> DueReinit | None:
     """Wait up to ``timeout`` seconds for a reinit of this agent to be due.
 
-    Returns the event as soon as it is due (at once when it already is), None on timeout. With
-    ``heartbeat``, also returns None after that many seconds so a caller can send a ping.
+    Returns it as soon as it is due (at once when it already is), None on timeout. With
+    ``heartbeat``, also returns None after that many seconds so a caller can send a ping. A due
+    reinit whose ``event_id`` is ``seen`` (the caller has had it) counts as not due.
     """
     listener = get_listener()
     key = str(workspace_id)
@@ -219,7 +240,7 @@ async def wait_for_reinit(
         while True:
             event.clear()  # before the check: a notify during the check keeps it set
             due = await check(agent_id)
-            if due is not None:
+            if due is not None and due.event_id != seen:
                 return due
             remaining = deadline - loop.time()
             if remaining <= 0:

@@ -1,15 +1,18 @@
 from __future__ import annotations
 
 import re
+import threading
 from datetime import timedelta
 
 import pytest
+from django.db import connection
 from django.test import Client
 from django.utils import timezone
+from prometheus_client import generate_latest
 
-from prebuilds.metrics import registry
+from prebuilds.metrics import PrebuildsCollector, pass_duration_observe, registry
 from prebuilds.models import ReconciliationPass
-from prebuilds.reconciler import reconcile
+from prebuilds.reconciler import PassResult, _record, reconcile
 from prebuilds.services import reconciliation_pause
 from tests.accounts.factories import UserFactory
 from tests.workspaces.factories import PresetFactory, TemplateFactory, prebuild
@@ -87,27 +90,124 @@ def test_it_exposes_pool_and_history_metrics(staff_client):
     assert values[("prebuilt_workspaces_preset_hard_limited", labels(limited))] == 1
     assert values[("prebuilds_reconciliation_paused", frozenset())] == 1
     assert "# TYPE prebuilds_reconciliation_duration_seconds histogram" in text
-    assert values[("prebuilds_reconciliation_duration_seconds_gcount", frozenset())] == 1
+    assert values[("prebuilds_reconciliation_duration_seconds_count", frozenset())] == 1
 
 
-def test_the_duration_histogram_counts_recent_passes_that_held_the_lock(staff_client):
-    now = timezone.now()
-    for seconds in (0.02, 0.3, 4.0):
-        ReconciliationPass.objects.create(started_at=now, duration_seconds=seconds)
-    ReconciliationPass.objects.create(started_at=now, duration_seconds=9, lock_acquired=False)
-    ReconciliationPass.objects.create(started_at=now - timedelta(hours=2), duration_seconds=1)
+def _duration(values, suffix: str, le: str | None = None) -> float:
+    key_labels = frozenset({("le", le)}) if le is not None else frozenset()
+    return values[(f"prebuilds_reconciliation_duration_seconds_{suffix}", key_labels)]
+
+
+def test_the_duration_histogram_has_cumulative_buckets_a_count_and_a_sum(staff_client):
+    for seconds in (0.02, 0.3, 4.0, 100.0):
+        pass_duration_observe(seconds)
 
     values = samples(staff_client.get("/metrics").content.decode())
 
-    def bucket(le: str) -> float:
-        key = ("prebuilds_reconciliation_duration_seconds_bucket", frozenset({("le", le)}))
-        return values[key]
-
-    assert (bucket("0.025"), bucket("0.5"), bucket("5.0"), bucket("+Inf")) == (1, 2, 3, 3)
-    assert values[("prebuilds_reconciliation_duration_seconds_gsum", frozenset())] == (
-        pytest.approx(4.32)
-    )
+    buckets = [_duration(values, "bucket", le) for le in ("0.025", "0.5", "5.0", "60.0", "+Inf")]
+    assert buckets == [1, 2, 3, 3, 4]
+    assert _duration(values, "count") == 4
+    assert _duration(values, "sum") == pytest.approx(104.32)
     assert values[("prebuilds_reconciliation_paused", frozenset())] == 0
+
+
+def test_the_duration_histogram_counts_every_pass_that_held_the_lock_and_outlives_pruning(
+    staff_client,
+):
+    reconcile()
+    reconcile()
+    skipped = PassResult(
+        started_at=timezone.now(),
+        duration_seconds=9.0,
+        lock_acquired=False,
+        paused=False,
+        dry_run=False,
+    )
+    _record(skipped, timezone.now())  # a pass that found the lock taken: not a pass that ran
+    ran = ReconciliationPass.objects.filter(lock_acquired=True)
+    expected_sum = sum(p.duration_seconds for p in ran)
+
+    values = samples(staff_client.get("/metrics").content.decode())
+    assert _duration(values, "count") == 2
+    assert _duration(values, "sum") == pytest.approx(expected_sum)
+
+    ReconciliationPass.objects.all().delete()  # what pruning does a day later
+    values = samples(staff_client.get("/metrics").content.decode())
+    assert _duration(values, "count") == 2, "a counter must never go down"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_racing_passes_lose_no_duration():
+    """Passes record after releasing the lock, so two can record at once: no lost update."""
+    barrier = threading.Barrier(6)
+    errors: list[BaseException] = []
+
+    def record() -> None:
+        try:
+            barrier.wait()
+            for index in range(20):
+                pass_duration_observe(0.01 * index)
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=record) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    values = samples(generate_latest(registry).decode())
+    assert _duration(values, "count") == 120
+    assert _duration(values, "sum") == pytest.approx(6 * sum(0.01 * i for i in range(20)))
+
+
+def test_pool_metrics_are_also_exposed_under_coders_names_and_labels(staff_client):
+    template = TemplateFactory(name="python-dev")
+    preset = PresetFactory(template_version=template.active_version, desired_instances=2)
+    prebuild(preset)
+    prebuild(preset, status=JobStatus.FAILED)
+    claimed = prebuild(preset)
+    Workspace.objects.filter(id=claimed.id).update(
+        owner=UserFactory(), name="mine", claimed_at=timezone.now()
+    )
+    reconciliation_pause(paused=True)
+    reconcile()
+
+    values = samples(staff_client.get("/metrics").content.decode())
+
+    ours = labels(preset)
+    coders = frozenset(
+        {
+            ("organization_name", template.organization.name),
+            ("template_name", "python-dev"),
+            ("preset_name", preset.name),
+        }
+    )
+    for name in (
+        "created_total",
+        "failed_total",
+        "claimed_total",
+        "desired",
+        "running",
+        "eligible",
+        "preset_hard_limited",
+    ):
+        assert (
+            values[(f"coderd_prebuilt_workspaces_{name}", coders)]
+            == (values[(f"prebuilt_workspaces_{name}", ours)])
+        ), name
+    assert values[("coderd_prebuilt_workspaces_desired", coders)] == 2
+    assert values[("coderd_prebuilt_workspaces_failed_total", coders)] == 1
+    assert values[("coderd_prebuilt_workspaces_claimed_total", coders)] == 1
+    assert values[("coderd_prebuilt_workspaces_reconciliation_paused", frozenset())] == 1
+    assert values[("coderd_prebuilds_reconciliation_duration_seconds_count", frozenset())] == 1
+    assert (
+        values[("coderd_prebuilt_workspaces_metrics_last_updated", frozenset())]
+        == (values[("prebuilds_reconciliation_last_pass_timestamp_seconds", frozenset())])
+    )
 
 
 def test_the_last_pass_timestamp_is_the_newest_pass_that_held_the_lock(staff_client):
@@ -133,7 +233,7 @@ def test_it_collects_in_a_fixed_number_of_queries(django_assert_max_num_queries)
     reconcile()
 
     with django_assert_max_num_queries(7):
-        list(registry.collect())
+        list(PrebuildsCollector().collect())
 
 
 def test_it_refuses_anonymous_scrapes(client):
