@@ -102,6 +102,8 @@ MATRIX: list[tuple[Any, ...]] = [
     # --- JSON API (bearer API tokens) --------------------------------------------------------
     ("GET /api/v2/users/me",                                401, 200, 200, 200, 401, 401),
     ("GET /api/v2/templates",                               401, 200, 200, 200, 401, 401),
+    ("GET /api/v2/workspaces",                              401, 200, 200, 200, 401, 401),
+    ("GET /api/v2/workspaces?owner=member",                 401, 200, 200, 200, 401, 401),
     ("POST /api/v2/workspaces",                             401, 201, 404, 201, 401, 401),
     ("POST /api/v2/workspaces (unknown template)",          401, 404, 404, 404, 401, 401),
     ("GET /api/v2/workspaces/{ws}",                         401, 200, 404, 200, 401, 401),
