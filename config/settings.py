@@ -248,6 +248,8 @@ if not DEBUG:
         )
 # The origin the site is served from (a proxy may present another Host to Django).
 CSRF_TRUSTED_ORIGINS = [ACCESS_URL]
+# A CSRF refusal under /api/ answers in the API's JSON error shape (issue 18).
+CSRF_FAILURE_VIEW = "accounts.api.csrf_failure"
 # W021 asks for HSTS preload; that is the operator's decision (SECURE_HSTS_PRELOAD), not ours.
 SILENCED_SYSTEM_CHECKS = ["security.W021"]
 

@@ -19,9 +19,11 @@ from django.views.decorators.csrf import csrf_exempt
 from accounts import ratelimit, tokens
 from accounts.api import (
     ApiError,
+    allowed_methods,
     call_answering_errors,
     error_response,
     method_not_allowed,
+    no_content,
     rate_limited_response,
     read_json,
 )
@@ -43,7 +45,10 @@ def agent_view(
     """Decorate an agent endpoint: method check, agent-token authentication, ``ApiError``.
 
     The view receives ``request.agent`` (with ``workspace`` and ``workspace.owner`` loaded).
+    ``HEAD`` is allowed wherever ``GET`` is. Exempt from CSRF: agents hold no session (an agent
+    POSTing to a GET endpoint gets a JSON 405, not Django's HTML CSRF page).
     """
+    methods = allowed_methods(methods)
 
     def decorator(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
         @functools.wraps(view)
@@ -163,7 +168,7 @@ def lifecycle(request: HttpRequest) -> HttpResponse:
         from prebuilds.claims import claims_mark_ready
 
         claims_mark_ready(workspace_id=request.agent.workspace_id)
-    return HttpResponse(status=204)
+    return no_content()
 
 
 @agent_view(("POST",))

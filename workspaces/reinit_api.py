@@ -12,9 +12,16 @@ from uuid import UUID
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
 
 from accounts import ratelimit, tokens
-from accounts.api import error_response, method_not_allowed, rate_limited_response
+from accounts.api import (
+    allowed_methods,
+    error_response,
+    method_not_allowed,
+    no_content,
+    rate_limited_response,
+)
 from workspaces import liveness
 from workspaces.agent_api import agent_token_attempt
 from workspaces.models import WorkspaceAgent
@@ -22,6 +29,7 @@ from workspaces.reinit import db_call, wait_for_reinit
 
 DEFAULT_WAIT = 30
 MAX_WAIT = 300
+METHODS = allowed_methods(("GET",))
 
 
 def _sse(event: str, data: dict) -> str:
@@ -63,14 +71,16 @@ async def _stream(agent_id: UUID, workspace_id: UUID) -> AsyncIterator[str]:
             yield _sse("ping", {})
 
 
+# Agents hold no session: a POST here is a JSON 405, never Django's HTML CSRF 403.
+@csrf_exempt
 async def reinit(request: HttpRequest) -> HttpResponse:
     """200 with the event when the agent must re-initialise, 204 when ``wait`` passed without.
 
     With ``Accept: text/event-stream``: an SSE stream (``event: ping`` heartbeats, then one
     ``event: data`` with the same JSON, after which the stream ends).
     """
-    if request.method != "GET":
-        return method_not_allowed(("GET",))
+    if request.method not in METHODS:
+        return method_not_allowed(METHODS)
     token = tokens.bearer(request.headers.get("Authorization"))
     try:
         agent = await db_call(_authenticated)(request, token)
@@ -94,5 +104,5 @@ async def reinit(request: HttpRequest) -> HttpResponse:
     with liveness.waiting_agents().holding(agent.id):
         event = await wait_for_reinit(agent.id, agent.workspace_id, wait)
     if event is None:
-        return HttpResponse(status=204)
+        return no_content()
     return JsonResponse(event)
