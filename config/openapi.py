@@ -573,6 +573,65 @@ def _paths() -> dict[str, Any]:
     }
 
 
+# Stable names for code generators and for the links below.
+OPERATION_IDS = {
+    ("/api/v2/openapi.json", "get"): "getOpenApiDocument",
+    ("/api/v2/users/me", "get"): "getCurrentUser",
+    ("/api/v2/templates", "get"): "listTemplates",
+    ("/api/v2/workspaces", "get"): "listWorkspaces",
+    ("/api/v2/workspaces", "post"): "createWorkspace",
+    ("/api/v2/workspaces/{workspace_id}", "get"): "getWorkspace",
+    ("/api/v2/workspaces/{workspace_id}/builds", "post"): "createWorkspaceBuild",
+    ("/api/v2/prebuilds/status", "get"): "getPrebuildsStatus",
+    ("/api/v2/prebuilds/settings", "get"): "getPrebuildsSettings",
+    ("/api/v2/prebuilds/settings", "put"): "setPrebuildsSettings",
+    ("/api/v2/prebuilds/presets/{preset_id}", "get"): "getPresetPool",
+    ("/api/v2/prebuilds/presets/{preset_id}", "put"): "setPresetPool",
+    ("/api/v2/workspaceagents/me/manifest", "get"): "getAgentManifest",
+    ("/api/v2/workspaceagents/me/lifecycle", "post"): "reportAgentLifecycle",
+    ("/api/v2/workspaceagents/me/heartbeat", "post"): "sendAgentHeartbeat",
+    ("/api/v2/workspaceagents/me/reinit", "get"): "waitForAgentReinit",
+}
+
+# How one answer leads to the next request (OpenAPI links; Schemathesis follows them too).
+LINKS = {
+    ("/api/v2/workspaces", "post", "201"): {
+        "GetWorkspace": {
+            "operationId": "getWorkspace",
+            "parameters": {"workspace_id": "$response.body#/id"},
+        },
+        "CreateWorkspaceBuild": {
+            "operationId": "createWorkspaceBuild",
+            "parameters": {"workspace_id": "$response.body#/id"},
+        },
+    },
+    ("/api/v2/workspaces/{workspace_id}", "get", "200"): {
+        "CreateWorkspaceBuild": {
+            "operationId": "createWorkspaceBuild",
+            "parameters": {"workspace_id": "$response.body#/id"},
+        },
+    },
+    ("/api/v2/templates", "get", "200"): {
+        "CreateWorkspaceFromTemplate": {
+            "operationId": "createWorkspace",
+            "requestBody": {"name": "from-link", "template_id": "$response.body#/0/id"},
+        },
+        "ListWorkspacesOfTemplate": {
+            "operationId": "listWorkspaces",
+            "parameters": {"query.template_id": "$response.body#/0/id"},
+        },
+    },
+}
+
+
+def _named(paths: dict[str, Any]) -> dict[str, Any]:
+    for (path, method), operation_id in OPERATION_IDS.items():
+        paths[path][method]["operationId"] = operation_id
+    for (path, method, status), links in LINKS.items():
+        paths[path][method]["responses"][status]["links"] = links
+    return paths
+
+
 def document() -> dict[str, Any]:
     """The OpenAPI 3.1 document (a fresh copy: callers may change theirs)."""
     return copy.deepcopy(
@@ -595,7 +654,7 @@ def document() -> dict[str, Any]:
                 {"name": "users"},
                 {"name": "meta"},
             ],
-            "paths": _paths(),
+            "paths": _named(_paths()),
             "components": {
                 "schemas": _schemas(),
                 "securitySchemes": {

@@ -48,6 +48,12 @@ def test_every_api_route_is_documented_and_nothing_else():
     assert routes == set(document()["paths"])
 
 
+def test_every_operation_has_a_unique_id():
+    ids = [op["operationId"] for item in document()["paths"].values() for op in item.values()]
+
+    assert len(ids) == len(set(ids)) == sum(len(item) for item in document()["paths"].values())
+
+
 def test_the_document_is_public_json():
     response = Client().get("/api/v2/openapi.json")
 
