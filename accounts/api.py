@@ -40,13 +40,6 @@ def error_response(status: int, error: str, detail: str) -> JsonResponse:
     return response
 
 
-def no_content() -> HttpResponse:
-    """204: no body, hence no ``Content-Type`` (Django's default would say text/html)."""
-    response = HttpResponse(status=204)
-    del response["Content-Type"]
-    return response
-
-
 def is_json_media_type(content_type: str | None) -> bool:
     """Whether a ``Content-Type`` value is JSON: ``application/json`` (any parameters, e.g.
     ``charset``) or a ``+json`` suffix type."""

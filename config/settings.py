@@ -165,6 +165,9 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # 204/304 without Content-Type and Content-Length (config/http.py); first, so it sees the
+    # answer after every other middleware.
+    "config.http.NoContentMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "config.nul_guard.NulGuardMiddleware",  # NUL in query, form or JSON: 400 (config/nul_guard.py)
     # Before anything that may touch the database: during an outage it answers 503 at once.

@@ -23,7 +23,6 @@ from accounts.api import (
     call_answering_errors,
     error_response,
     method_not_allowed,
-    no_content,
     rate_limited_response,
     read_json,
 )
@@ -168,7 +167,7 @@ def lifecycle(request: HttpRequest) -> HttpResponse:
         from prebuilds.claims import claims_mark_ready
 
         claims_mark_ready(workspace_id=request.agent.workspace_id)
-    return no_content()
+    return HttpResponse(status=204)
 
 
 @agent_view(("POST",))

@@ -19,7 +19,6 @@ from accounts.api import (
     allowed_methods,
     error_response,
     method_not_allowed,
-    no_content,
     rate_limited_response,
 )
 from workspaces import liveness
@@ -104,5 +103,5 @@ async def reinit(request: HttpRequest) -> HttpResponse:
     with liveness.waiting_agents().holding(agent.id):
         event = await wait_for_reinit(agent.id, agent.workspace_id, wait)
     if event is None:
-        return no_content()
+        return HttpResponse(status=204)
     return JsonResponse(event)

@@ -267,6 +267,7 @@ def test_the_lifecycle_204_carries_no_content_type(client, world):
 
     assert response.status_code == 204
     assert "Content-Type" not in response
+    assert "Content-Length" not in response
     assert response.content == b""
 
 
@@ -296,6 +297,7 @@ def test_over_the_wire(world):
 
     assert waited.status_code == 204
     assert "content-type" not in waited.headers
+    assert "content-length" not in waited.headers  # RFC 9110: never on a 204
     assert waited.content == b""
     assert anonymous.status_code == 401
     assert anonymous.headers["www-authenticate"].startswith("Bearer")
