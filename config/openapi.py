@@ -333,8 +333,8 @@ def _paths() -> dict[str, Any]:
         {
             "name": "cursor",
             "in": "query",
-            "description": "Opaque: the `next_cursor` of the previous page. Anything else is a "
-            "400.",
+            "description": "Opaque: the `next_cursor` of the previous page (empty: the first "
+            "page). Anything else is a 400.",
             "schema": {"type": "string"},
         },
         {"name": "template_id", "in": "query", "schema": UUID},

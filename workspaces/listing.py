@@ -121,7 +121,8 @@ def parse_query(params: Mapping[str, Sequence[str]]) -> Query:
         if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
             raise ListingError("limit", f"a whole number from 1 to {MAX_LIMIT}.")
         limit = int(text)
-    after = decode_cursor(values["cursor"]) if "cursor" in values else None
+    # An empty cursor is the first page: a client may start its loop with ``cursor=``.
+    after = decode_cursor(values["cursor"]) if values.get("cursor") else None
     template_id = None
     if "template_id" in values:
         template_id = selectors.parse_uuid(values["template_id"])

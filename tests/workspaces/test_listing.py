@@ -183,6 +183,12 @@ def test_pages_cover_every_workspace_once_in_order(client, alice):
     assert walk(client, auth(alice), "limit=3") == [w.name for w in created]
 
 
+def test_an_empty_cursor_is_the_first_page(client, alice):
+    WorkspaceFactory(owner=alice, name="only")
+
+    assert names(client.get(f"{URL}?cursor=", **auth(alice))) == ["only"]
+
+
 def test_rows_with_the_same_created_at_are_ordered_by_id_and_none_is_lost(client, alice):
     moment = timezone.now()
     same = [WorkspaceFactory(owner=alice, name=f"t{i}", created_at=moment) for i in range(5)]
