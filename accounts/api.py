@@ -33,7 +33,28 @@ class ApiError(Exception):
 
 
 def error_response(status: int, error: str, detail: str) -> JsonResponse:
-    return JsonResponse({"error": error, "detail": detail}, status=status)
+    """The error answer; a 401 says which scheme to use (``WWW-Authenticate``, RFC 6750)."""
+    response = JsonResponse({"error": error, "detail": detail}, status=status)
+    if status == 401:
+        response["WWW-Authenticate"] = 'Bearer realm="warmstart"'
+    return response
+
+
+def is_json_media_type(content_type: str | None) -> bool:
+    """Whether a ``Content-Type`` value is JSON: ``application/json`` (any parameters, e.g.
+    ``charset``) or a ``+json`` suffix type."""
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    )
+
+
+def allowed_methods(methods: tuple[str, ...]) -> tuple[str, ...]:
+    """``methods`` with ``HEAD`` wherever ``GET`` is allowed (a HEAD is a GET without body:
+    the servers, uvicorn and Django's test client, drop the body)."""
+    if "GET" in methods and "HEAD" not in methods:
+        return (*methods, "HEAD")
+    return methods
 
 
 def rate_limited_response(exc: ratelimit.RateLimited) -> JsonResponse:
@@ -85,14 +106,24 @@ def authenticate(request: HttpRequest):
 def read_json(request: HttpRequest) -> dict[str, Any]:
     """The request body as a JSON object, or ApiError naming what is wrong.
 
-    Never raises anything else: a body over ``DATA_UPLOAD_MAX_MEMORY_SIZE`` is a 413, anything
-    that is not a JSON object (including nesting deep enough to exhaust the parser's
-    recursion, which ``json`` reports as ``RecursionError``) is a 400.
+    Never raises anything else: a body over ``DATA_UPLOAD_MAX_MEMORY_SIZE`` is a 413 (whatever
+    its type), a body whose ``Content-Type`` is not JSON (form-encoded, text/plain, none given)
+    a 415, anything that is not a JSON object (including nesting deep enough to exhaust the
+    parser's recursion, which ``json`` reports as ``RecursionError``) a 400.
     """
     try:
         raw = request.body
     except RequestDataTooBig:
         raise ApiError(413, "request_too_large", TOO_LARGE_DETAIL) from None
+    declared = request.META.get("CONTENT_TYPE", "")
+    # No body and no type is simply a missing body (the 400 below), not a wrong media type.
+    if (declared or raw) and not is_json_media_type(declared):
+        shown = declared or "none"
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"Content-Type must be application/json (got {shown[:60]}).",
+        )
     try:
         body = json.loads(raw or b"null")
     except (ValueError, UnicodeDecodeError) as exc:
@@ -118,7 +149,9 @@ def api_view(
 
     The view receives ``request`` with ``request.api_user`` set. Token-authenticated requests
     are exempt from CSRF (no ambient credential); session requests keep Django's CSRF check.
+    ``HEAD`` is allowed wherever ``GET`` is.
     """
+    methods = allowed_methods(methods)
 
     def decorator(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
         @functools.wraps(view)
@@ -180,3 +213,14 @@ def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpR
     from django.views.defaults import page_not_found
 
     return page_not_found(request, exception)
+
+
+def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
+    """``CSRF_FAILURE_VIEW``: under ``/api/`` the API's JSON 403 (every API view checks CSRF
+    itself or needs none, so this is the net under a view added without ``api_view``), Django's
+    page everywhere else."""
+    if request.path.startswith("/api/"):
+        return error_response(403, "csrf_failed", "CSRF check failed for a session request.")
+    from django.views.csrf import csrf_failure as page
+
+    return page(request, reason)

@@ -205,7 +205,8 @@ class UnavailableMiddleware:
 
 def server_error(request: HttpRequest, template_name: str = "500.html") -> HttpResponse:
     """``handler500``: the 503 answer when the exception being handled is a database outage
-    (raised anywhere: a view, a middleware, a session save); Django's own 500 otherwise.
+    (raised anywhere: a view, a middleware, a session save); else a 500, JSON under ``/api/``
+    and Django's own page elsewhere.
 
     Django calls this inside its ``except`` block, so ``sys.exc_info()`` is that exception.
     """
@@ -213,4 +214,10 @@ def server_error(request: HttpRequest, template_name: str = "500.html") -> HttpR
     if is_database_unavailable(exc):
         database.failed(exc)
         return unavailable_response(request)
+    if request.path.startswith("/api/"):
+        # Clients of the API read JSON, whatever the status (DESIGN.md §7's error shape).
+        return JsonResponse(
+            {"error": "internal_error", "detail": "The server failed to answer this request."},
+            status=500,
+        )
     return defaults.server_error(request, template_name)

@@ -165,6 +165,9 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # 204/304 without Content-Type and Content-Length (config/http.py); first, so it sees the
+    # answer after every other middleware.
+    "config.http.NoContentMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "config.nul_guard.NulGuardMiddleware",  # NUL in query, form or JSON: 400 (config/nul_guard.py)
     # Before anything that may touch the database: during an outage it answers 503 at once.
@@ -248,6 +251,8 @@ if not DEBUG:
         )
 # The origin the site is served from (a proxy may present another Host to Django).
 CSRF_TRUSTED_ORIGINS = [ACCESS_URL]
+# A CSRF refusal under /api/ answers in the API's JSON error shape (issue 18).
+CSRF_FAILURE_VIEW = "accounts.api.csrf_failure"
 # W021 asks for HSTS preload; that is the operator's decision (SECURE_HSTS_PRELOAD), not ours.
 SILENCED_SYSTEM_CHECKS = ["security.W021"]
 

@@ -3,6 +3,7 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from config import openapi
 from workspaces import reinit_api
 
 urlpatterns = [
@@ -12,6 +13,8 @@ urlpatterns = [
     path("prebuilds/", include("prebuilds.urls")),
     # Async view: listed here so its route is visible next to the ASGI entry point's concerns.
     path("api/v2/workspaceagents/me/reinit", reinit_api.reinit, name="api-agent-reinit"),
+    path("api/v2/openapi.json", openapi.openapi_json, name="api-openapi"),
+    path("api/docs/", openapi.docs, name="api-docs"),
     path("api/v2/", include("accounts.api_urls")),
     path("api/v2/", include("workspaces.api_urls")),
     path("api/v2/", include("prebuilds.api_urls")),

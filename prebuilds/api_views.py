@@ -91,6 +91,10 @@ def _desired_instances(body: dict[str, Any]) -> int:
     if "desired_instances" not in body:
         raise ApiError(400, "invalid_field", "desired_instances: this field is required.")
     value = body["desired_instances"]
+    # JSON has one number type: 14.0 is the integer 14 (JSON Schema says so too, and clients
+    # that hold numbers as floats send it). Found by Schemathesis (issue 18).
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     # JSON true is a Python int: refuse it rather than read it as 1.
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ApiError(

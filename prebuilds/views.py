@@ -26,7 +26,7 @@ from django.db import transaction
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_POST, require_safe
 
 from accounts.services import system_user
 from prebuilds import dashboard
@@ -86,7 +86,7 @@ def _overview_context(notice: tuple[str, str] | None = None, *, fresh: bool = Fa
 
 
 @staff_required
-@require_GET
+@require_safe
 def overview(request: HttpRequest) -> HttpResponse:
     """Every pool, grouped by organization and template, with the global controls.
 
@@ -209,7 +209,7 @@ def _preset_context(
 
 
 @staff_required
-@require_GET
+@require_safe
 def preset_detail(request: HttpRequest, preset_id: UUID) -> HttpResponse:
     """One pool: state and pending actions, prebuilds, controls, chart, claims, failures.
 
@@ -370,7 +370,7 @@ CONFIRMATIONS = {
 
 
 @staff_required
-@require_GET
+@require_safe
 def preset_confirm(request: HttpRequest, preset_id: UUID, action: str) -> HttpResponse:
     preset = _preset_or_404(preset_id)
     if action not in CONFIRMATIONS:
@@ -387,7 +387,7 @@ def preset_confirm(request: HttpRequest, preset_id: UUID, action: str) -> HttpRe
 
 
 @staff_required
-@require_GET
+@require_safe
 def prebuild_delete_confirm(request: HttpRequest, workspace_id: UUID) -> HttpResponse:
     workspace = Workspace.objects.filter(id=workspace_id).first()
     if workspace is None:
@@ -413,7 +413,7 @@ def prebuild_delete_confirm(request: HttpRequest, workspace_id: UUID) -> HttpRes
 
 
 @staff_required
-@require_GET
+@require_safe
 def workspaces(request: HttpRequest) -> HttpResponse:
     """Every live workspace (prebuilds included), filtered by owner, template, prebuilds only
     and status of the latest build; 50 a page, a fixed number of queries."""
@@ -436,7 +436,7 @@ def workspaces(request: HttpRequest) -> HttpResponse:
 
 
 @staff_required
-@require_GET
+@require_safe
 def jobs(request: HttpRequest) -> HttpResponse:
     """The build queue: pending, running and canceling jobs, oldest first; to HTMX (the page
     polls every 5 s while visible) only the `queue` fragment."""

@@ -19,6 +19,7 @@ from django.views.decorators.csrf import csrf_exempt
 from accounts import ratelimit, tokens
 from accounts.api import (
     ApiError,
+    allowed_methods,
     call_answering_errors,
     error_response,
     method_not_allowed,
@@ -43,7 +44,10 @@ def agent_view(
     """Decorate an agent endpoint: method check, agent-token authentication, ``ApiError``.
 
     The view receives ``request.agent`` (with ``workspace`` and ``workspace.owner`` loaded).
+    ``HEAD`` is allowed wherever ``GET`` is. Exempt from CSRF: agents hold no session (an agent
+    POSTing to a GET endpoint gets a JSON 405, not Django's HTML CSRF page).
     """
+    methods = allowed_methods(methods)
 
     def decorator(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
         @functools.wraps(view)

@@ -12,7 +12,7 @@ from typing import Any
 from django.http import HttpRequest, JsonResponse
 
 from accounts.api import ApiError, api_view, read_json
-from workspaces import selectors, serializers
+from workspaces import listing, selectors, serializers
 from workspaces.creation import workspace_request
 from workspaces.models import Transition, Workspace
 from workspaces.services import WorkspaceError, build_create
@@ -66,8 +66,25 @@ def templates(request: HttpRequest) -> JsonResponse:
     return JsonResponse([serializers.template_json(t) for t in found], safe=False)
 
 
-@api_view(("POST",))
+@api_view(("GET", "POST"))
 def workspaces(request: HttpRequest) -> JsonResponse:
+    """GET: one page of the caller's workspaces (``workspaces.listing``); POST: create one."""
+    if request.method == "POST":
+        return _workspace_create(request)
+    try:
+        query = listing.parse_query(dict(request.GET.lists()))
+    except listing.ListingError as exc:
+        raise ApiError(400, "invalid_parameter", exc.detail) from None
+    page = listing.workspace_page(user=request.api_user, query=query)
+    return JsonResponse(
+        {
+            "workspaces": [serializers.workspace_json(w) for w in page.workspaces],
+            "next_cursor": page.next_cursor,
+        }
+    )
+
+
+def _workspace_create(request: HttpRequest) -> JsonResponse:
     """Create a workspace from a preset or a template; 201 with the workspace."""
     body = read_json(request)
     _check_fields(body, ("name", "template_version_preset_id", "template_id"))

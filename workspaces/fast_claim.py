@@ -14,7 +14,7 @@ What it serves: only a request it can answer completely, and exactly as the Djan
 member of the template's organization, the body ``{"name", "template_version_preset_id"}``, a
 preset that keeps prebuilds on its template's active version, and an eligible prebuild. Every
 other request is handed, body and all, to Django, which answers it as it always has: any error
-(401, 404, 409, 429, 400, 413), a miss (cold build, recorded as a miss), a session, a token due
+(401, 404, 409, 429, 400, 413, 415), a miss (cold build, recorded as a miss), a session, a token due
 for its ``last_used_at`` refresh, a host not in ``ALLOWED_HOSTS``, plain HTTP when HTTPS is
 enforced, or a database or cache failure before the claim. So the fast path adds no behaviour of
 its own; ``CLAIM_FAST_PATH=false`` turns it off. An error *during* the claim's transaction is a
@@ -52,6 +52,7 @@ from django.middleware.security import SecurityMiddleware
 from django.utils import timezone
 
 from accounts import ratelimit, tokens
+from accounts.api import is_json_media_type
 from accounts.models import ApiToken, Membership, Organization, User
 from accounts.services import API_TOKEN_PREFIX, api_token_touch_due, api_token_user
 from config import env, outage
@@ -209,6 +210,8 @@ class FastClaim:
         secure = _is_secure(scope, headers)
         if settings.SECURE_SSL_REDIRECT and not secure:
             return None
+        if not is_json_media_type(headers.get(b"content-type", b"").decode("latin-1")):
+            return None  # the view answers 415
         token = tokens.bearer(headers.get(b"authorization", b"").decode("latin-1") or None)
         parts = tokens.split(token, API_TOKEN_PREFIX) if token else None
         request = _parse(body)

@@ -21,9 +21,15 @@ from uuid import UUID
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
 
 from accounts import ratelimit, tokens
-from accounts.api import error_response, method_not_allowed, rate_limited_response
+from accounts.api import (
+    allowed_methods,
+    error_response,
+    method_not_allowed,
+    rate_limited_response,
+)
 from workspaces import liveness
 from workspaces.agent_api import agent_token_attempt
 from workspaces.models import WorkspaceAgent
@@ -35,6 +41,7 @@ MAX_WAIT = 300
 # dropped stream costs little, yet a thousand clients of a restarted web process do not all
 # reconnect within the same few milliseconds (browsers add their own back-off on errors).
 SSE_RETRY_MS = 1000
+METHODS = allowed_methods(("GET",))
 
 
 def _sse(event: str, data: dict, *, event_id: str | None = None) -> str:
@@ -86,14 +93,16 @@ async def _stream(agent_id: UUID, workspace_id: UUID, seen: str | None) -> Async
             yield _sse("ping", {})
 
 
+# Agents hold no session: a POST here is a JSON 405, never Django's HTML CSRF 403.
+@csrf_exempt
 async def reinit(request: HttpRequest) -> HttpResponse:
     """200 with the event when the agent must re-initialise, 204 when ``wait`` passed without.
 
     With ``Accept: text/event-stream``: an SSE stream (``event: ping`` heartbeats, then one
     ``event: data`` with an ``id:`` and the same JSON, after which the stream ends).
     """
-    if request.method != "GET":
-        return method_not_allowed(("GET",))
+    if request.method not in METHODS:
+        return method_not_allowed(METHODS)
     token = tokens.bearer(request.headers.get("Authorization"))
     try:
         agent = await db_call(_authenticated)(request, token)

@@ -15,7 +15,7 @@ from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
-from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from django.views.decorators.http import require_http_methods, require_POST, require_safe
 from django_htmx.http import HttpResponseClientRedirect, HttpResponseStopPolling
 
 from workspaces import selectors
@@ -47,7 +47,7 @@ def _get_workspace(request: HttpRequest, workspace_id: UUID) -> Workspace:
 
 
 @login_required
-@require_GET
+@require_safe
 def workspace_list(request: HttpRequest) -> HttpResponse:
     include_prebuilds = request.user.is_staff and request.GET.get("prebuilds") == "1"
     owner = request.GET.get("owner", "").strip() if request.user.is_staff else ""
@@ -67,7 +67,7 @@ def workspace_list(request: HttpRequest) -> HttpResponse:
 
 
 @login_required
-@require_http_methods(["GET", "POST"])
+@require_http_methods(["GET", "HEAD", "POST"])
 def workspace_new(request: HttpRequest) -> HttpResponse:
     form = WorkspaceNewForm(request.POST or None, user=request.user)
     if request.method == "POST" and form.is_valid():
@@ -109,7 +109,7 @@ def _status_context(workspace: Workspace) -> dict:
 
 
 @login_required
-@require_GET
+@require_safe
 def workspace_detail(request: HttpRequest, workspace_id: UUID) -> HttpResponse:
     """The workspace page; to HTMX, only its ``build-status`` fragment.
 
@@ -150,7 +150,7 @@ def workspace_build(request: HttpRequest, workspace_id: UUID) -> HttpResponse:
 
 
 @login_required
-@require_GET
+@require_safe
 def workspace_delete(request: HttpRequest, workspace_id: UUID) -> HttpResponse:
     """Confirmation page for deleting, for browsers without JavaScript (HTMX uses hx-confirm)."""
     workspace = _get_workspace(request, workspace_id)

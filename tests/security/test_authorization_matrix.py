@@ -100,8 +100,13 @@ MATRIX: list[tuple[Any, ...]] = [
     ("GET /admin/",                                          AL,  AL,  AL, 200,  AL,  AL),
     ("GET /metrics",                                        401, 403, 403, 200, 401, 401),
     # --- JSON API (bearer API tokens) --------------------------------------------------------
+    # The API's description is public (issue 18): the document and the page rendering it.
+    ("GET /api/v2/openapi.json",                            200, 200, 200, 200, 200, 200),
+    ("GET /api/docs/",                                      200, 200, 200, 200, 200, 200),
     ("GET /api/v2/users/me",                                401, 200, 200, 200, 401, 401),
     ("GET /api/v2/templates",                               401, 200, 200, 200, 401, 401),
+    ("GET /api/v2/workspaces",                              401, 200, 200, 200, 401, 401),
+    ("GET /api/v2/workspaces?owner=member",                 401, 200, 200, 200, 401, 401),
     ("POST /api/v2/workspaces",                             401, 201, 404, 201, 401, 401),
     ("POST /api/v2/workspaces (unknown template)",          401, 404, 404, 404, 401, 401),
     ("GET /api/v2/workspaces/{ws}",                         401, 200, 404, 200, 401, 401),

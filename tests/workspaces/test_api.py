@@ -413,10 +413,10 @@ def test_it_answers_409_when_the_name_is_taken(client, alice, preset):
     assert rows() == (1, 1, 1)
 
 
-def test_it_answers_405_to_listing_workspaces(client, alice):
-    response = client.get("/api/v2/workspaces", **auth(alice))
-
-    assert response.status_code == 405
+def test_it_lists_workspaces_instead_of_answering_405(client, alice):
+    # Issue 18 added the listing (tests/workspaces/test_listing.py); DELETE stays refused.
+    assert client.get("/api/v2/workspaces", **auth(alice)).status_code == 200
+    assert client.delete("/api/v2/workspaces", **auth(alice)).status_code == 405
 
 
 # -- GET /api/v2/workspaces/<id> ------------------------------------------------------------

@@ -467,3 +467,37 @@ def test_a_prebuild_whose_agent_is_gone_is_never_handed_out(settings):
     assert response.json()["id"] != str(gone.id)
     assert Workspace.objects.get(id=gone.id).owner_id == SYSTEM_USER_ID
     assert PrebuildClaim.objects.filter(claimed=False).count() == 1
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "application/xml"]
+)
+def test_a_claim_body_that_is_not_declared_json_is_the_views_415(content_type):
+    # Without the check the fast path would claim: the body itself is a perfect claim.
+    preset = PresetFactory()
+    prebuild(preset)
+    alice = UserFactory()
+    before = _state()
+
+    response, served = post(
+        fresh_token(alice), claim_body(preset), **{"Content-Type": content_type}
+    )
+
+    assert served.handed_over == ["/api/v2/workspaces"]
+    assert response.status_code == 415
+    assert response.json()["error"] == "unsupported_media_type"
+    assert _state() == before
+
+
+def test_a_claim_declared_json_with_a_charset_is_still_served_fast():
+    preset = PresetFactory()
+    prebuild(preset)
+
+    response, served = post(
+        fresh_token(UserFactory()),
+        claim_body(preset),
+        **{"Content-Type": "application/json; charset=utf-8"},
+    )
+
+    assert served.handed_over == []
+    assert response.status_code == 201
