@@ -729,7 +729,7 @@ def test_a_goal_may_sit_on_top_of_instances():
         (
             'target_hit_rate = "high"\nmax_instances = 5\n',
             "presets[0].prebuilds.target_hit_rate: must be a number between 0 and 1, exclusive, "
-            "e.g. 0.95 (got \"high\")",
+            'e.g. 0.95 (got "high")',
         ),
         (
             "target_hit_rate = 0.9\n",
