@@ -344,7 +344,7 @@ def preset_validation_problem(entry: PresetEntry) -> str | None:
     unknown = sorted(set(entry.parameters) - entry.version_parameter_names)
     if unknown:
         return f"parameters not declared by the template version: {', '.join(unknown)}"
-    problem = validate_schedules(entry.snapshot.timezone, entry.snapshot.schedules)
+    problem = validate_schedules(entry.snapshot.timezone, entry.declared_schedules)
     return f"schedules: {problem}" if problem else None
 
 
