@@ -132,6 +132,12 @@ class LastFailureDocument(TypedDict):
     at: str
 
 
+class SizingDocument(TypedDict):
+    policy: Literal["target", "fallback"]
+    desired: int
+    reason: str
+
+
 class PresetDocument(TypedDict):
     preset_id: str
     template_id: str
@@ -149,6 +155,9 @@ class PresetDocument(TypedDict):
     # the newest failure whatever its age (null: none).
     failures: FailuresDocument
     last_failure: LastFailureDocument | None
+    # Added (issue 17): how a pool sized by a goal got its desired size (null: not sized by a
+    # goal). `policy` is "target" (from recorded demand) or "fallback" (history too short).
+    sizing: SizingDocument | None
 
 
 class PassDocument(TypedDict):
@@ -685,6 +694,15 @@ def _preset_document(result: PresetResult) -> PresetDocument:
             "infrastructure": entry.failures.infrastructure,
         },
         "last_failure": _last_failure_document(entry),
+        "sizing": (
+            {
+                "policy": entry.sizing.policy,  # type: ignore[typeddict-item]
+                "desired": entry.sizing.desired,
+                "reason": entry.sizing.reason,
+            }
+            if entry.sizing is not None
+            else None
+        ),
     }
 
 

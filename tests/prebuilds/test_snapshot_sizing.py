@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from django.utils import timezone
 
 from prebuilds.models import PrebuildClaim
-from prebuilds.reconciler import reconcile
+from prebuilds.reconciler import reconcile, status_document
 from prebuilds.selectors import reconciliation_snapshot
 from prebuilds.sizing import Demand, SizingGoal, desired_size
 from tests.accounts.factories import UserFactory
@@ -166,3 +167,36 @@ def test_sizing_costs_one_query_whatever_the_number_of_goal_presets(
 
     assert len(snapshot.presets) == presets
     assert all(entry.sizing is not None for entry in snapshot.presets)
+
+
+def test_the_status_document_and_the_preset_page_say_why(client):
+    now = timezone.now()
+    preset = goal_preset(desired_instances=2)
+    record_builds(preset)
+    user = UserFactory()
+    # Ten days of one request every hour, at this minute of the hour: a history that covers every
+    # hour of the week, so the current hour has demand.
+    PrebuildClaim.objects.bulk_create(
+        PrebuildClaim(preset=preset, user=user, claimed=True, requested_at=now - timedelta(hours=h))
+        for h in range(1, 240)
+    )
+    plain = PresetFactory(desired_instances=1)
+
+    presets = {p["preset_id"]: p for p in status_document()["presets"]}
+
+    sizing = presets[str(preset.id)]["sizing"]
+    assert set(sizing) == {"policy", "desired", "reason"}
+    assert sizing["policy"] == "target"
+    assert sizing["desired"] == presets[str(preset.id)]["state"]["desired"] >= 1
+    assert sizing["reason"].startswith(f"desired {sizing['desired']}: ")
+    assert "from 239 requests over" in sizing["reason"]
+    assert presets[str(plain.id)]["sizing"] is None
+
+    client.force_login(UserFactory(is_staff=True))
+    page = client.get(f"/prebuilds/presets/{preset.id}/").content.decode()
+    assert 'id="preset-sizing"' in page
+    assert "Sized by a goal: desired" in page
+    assert "from 239 requests over" in page
+    assert (
+        'id="preset-sizing"' not in client.get(f"/prebuilds/presets/{plain.id}/").content.decode()
+    )
