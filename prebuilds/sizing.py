@@ -210,7 +210,7 @@ def desired_size(
     largest = max(histogram)
     burst_note = f" (bursts up to {largest})" if largest > 1 else ""
     reason = (
-        f"desired {size}: {per_minute:.1f} requests/min{burst_note} × {refill / 60:.1f} min "
+        f"desired {size}: {_rate(per_minute)} requests/min{burst_note} × {refill / 60:.1f} min "
         f"refill (p{REFILL_PERCENTILE}) → {pct} needs {needed}; {history}"
         f"{_bounds_note(goal, needed, size)}"
     )
@@ -230,6 +230,12 @@ def _smallest_pool(
         if share >= goal.target_hit_rate:
             return pool
     return ceiling
+
+
+def _rate(per_minute: float) -> str:
+    # One decimal reads well at busy hours; a quiet hour keeps two significant digits
+    # ("0.012"), never a misleading "0.0".
+    return f"{per_minute:.1f}" if per_minute >= 0.1 else f"{per_minute:.2g}"
 
 
 def _bounds_note(goal: SizingGoal, needed: int, size: int) -> str:

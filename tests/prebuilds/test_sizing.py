@@ -220,3 +220,15 @@ def test_a_recurring_burst_makes_the_pool_absorb_most_of_it():
     assert 20 <= sizing.desired <= 40
     assert "bursts up to 20" in sizing.reason
     assert f"95 % needs {sizing.desired};" in sizing.reason
+
+
+def test_a_quiet_hour_reads_as_a_small_rate_not_zero():
+    # Two requests in this hour over four weeks: 0.5 an hour, 0.0083 a minute.
+    sizing = desired_size(
+        goal=SizingGoal(0.95, 0, 5),
+        demand=Demand(28.0, {10: {1: 2}}),
+        build_seconds=BUILDS,
+        now=MONDAY_10,
+        fallback=0,
+    )
+    assert "0.0083 requests/min" in sizing.reason
