@@ -200,3 +200,18 @@ def test_the_status_document_and_the_preset_page_say_why(client):
     assert (
         'id="preset-sizing"' not in client.get(f"/prebuilds/presets/{plain.id}/").content.decode()
     )
+
+
+def test_the_overview_marks_a_pool_sized_by_a_goal_with_its_reason(client):
+    preset = goal_preset(desired_instances=3)
+    record_builds(preset)
+    plain = PresetFactory(desired_instances=1)
+    client.force_login(UserFactory(is_staff=True))
+
+    page = client.get("/prebuilds/").content.decode()
+
+    # No history yet: the fallback, with its reason in the tooltip.
+    assert 'data-sizing="fallback"' in page
+    assert 'title="desired 3: history too short (0.0 of 7 days of requests)' in page
+    assert page.count("data-sizing=") == 1
+    assert f'id="preset-{plain.id}"' in page  # listed, without a goal mark
