@@ -32,7 +32,7 @@ The model (documented in the README, "Sizing pools by a goal"):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -125,36 +125,49 @@ def hit_share(
     `burst_rate`: bursts per unit of time; `burst_sizes`: probability of each burst size;
     `refill`: mean time a slot stays busy after a claim (same unit). 1.0 without demand.
     """
-    return _hit_shares(pool, burst_rate, burst_sizes, refill)[pool]
+    for size, share in enumerate(_hit_shares(burst_rate, burst_sizes, refill)):
+        if size == pool:
+            return share
+    raise AssertionError("unreachable: the generator is endless")
 
 
 def _hit_shares(
-    largest: int, burst_rate: float, burst_sizes: Mapping[int, float], refill: float
-) -> list[float]:
-    """`hit_share` for every pool size 0..`largest`, in O(largest^2 x burst sizes)."""
+    burst_rate: float, burst_sizes: Mapping[int, float], refill: float
+) -> Iterator[float]:
+    """`hit_share` for the pool sizes 0, 1, 2, ... (endless): the n-th costs O(n + burst sizes),
+    so a search that stops at the answer N costs O(N^2)."""
     mean_size = sum(size * p for size, p in burst_sizes.items())
     if burst_rate <= 0 or refill <= 0 or mean_size <= 0:
-        return [1.0] * (largest + 1)
+        while True:
+            yield 1.0
     load = burst_rate * refill  # bursts arriving during one refill
-    # P(size > k) for k = 0..largest.
-    tail = [sum(p for size, p in burst_sizes.items() if size > k) for k in range(largest + 1)]
+    largest = max(burst_sizes)
+
+    def tail(k: int) -> float:  # P(size > k)
+        return sum(p for size, p in burst_sizes.items() if size > k) if k < largest else 0.0
+
     # Level crossing between i and i+1 busy slots: the up-flow from every j <= i whose burst
     # reaches past i equals the down-flow of (i+1) refills ending. These unnormalised weights
     # (pi_0 = 1) do not depend on the pool size: a pool of N truncates the chain at N, and the
     # flow into N is everything that would have crossed past N-1.
+    tails = [tail(k) for k in range(largest + 1)]
+    # E[min(size, k)] = P(size > 0) + ... + P(size > k-1): what a burst gets from k free slots.
+    expected_min = [0.0]
     weights = [1.0]
-    for i in range(largest):
-        up = load * sum(weights[j] * tail[i - j] for j in range(i + 1))
+    yield 0.0
+    pool = 0
+    while True:
+        i = pool
+        up = load * sum(weights[j] * tails[i - j] for j in range(max(0, i - largest), i + 1))
         weights.append(up / (i + 1))
-    shares = [0.0]
-    for pool in range(1, largest + 1):
-        total = sum(weights[: pool + 1])
-        served = sum(
-            weights[busy] * sum(p * min(size, pool - busy) for size, p in burst_sizes.items())
-            for busy in range(pool)
-        )
-        shares.append(served / total / mean_size)
-    return shares
+        pool += 1
+        expected_min.append(expected_min[-1] + (tails[pool - 1] if pool - 1 <= largest else 0.0))
+        total = sum(weights)
+        if total > 1e200:  # only ratios matter: rescale before floats overflow
+            weights = [weight / total for weight in weights]
+            total = 1.0
+        served = sum(weights[busy] * expected_min[pool - busy] for busy in range(pool))
+        yield served / total / mean_size
 
 
 def desired_size(
@@ -221,15 +234,15 @@ def _smallest_pool(
     goal: SizingGoal, burst_rate: float, sizes: Mapping[int, float], refill: float
 ) -> int:
     # The search goes past max_instances on purpose: the reason then says what the goal would
-    # need ("needs 9 (capped at max_instances 4)"). The share grows with the pool; a pool that
-    # absorbs the largest burst and four times the requests of one refill serves ~everything.
-    ceiling = max(
-        goal.max_instances or 0, 4 * (max(sizes) + math.ceil(burst_rate * refill * max(sizes)))
-    )
-    for pool, share in enumerate(_hit_shares(ceiling, burst_rate, sizes, refill)):
-        if share >= goal.target_hit_rate:
+    # need ("needs 9 (capped at max_instances 4)"). The share grows with the pool and reaches
+    # any target below 1; the ceiling (the largest burst plus ten times the requests of one
+    # refill, or max_instances) only guards against a pathological input.
+    load = burst_rate * refill * sum(size * p for size, p in sizes.items())
+    ceiling = max(goal.max_instances or 0, max(sizes) + math.ceil(10 * load) + 10)
+    for pool, share in enumerate(_hit_shares(burst_rate, sizes, refill)):
+        if share >= goal.target_hit_rate or pool >= ceiling:
             return pool
-    return ceiling
+    raise AssertionError("unreachable: the generator is endless")
 
 
 def _rate(per_minute: float) -> str:
