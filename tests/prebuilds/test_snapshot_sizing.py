@@ -9,13 +9,21 @@ from django.utils import timezone
 
 from prebuilds.models import PrebuildClaim
 from prebuilds.reconciler import reconcile, status_document
-from prebuilds.selectors import reconciliation_snapshot
+from prebuilds.selectors import SIZING_REFRESH, reconciliation_snapshot, sizing_cache_clear
 from prebuilds.sizing import Demand, SizingGoal, desired_size
 from tests.accounts.factories import UserFactory
 from tests.workspaces.factories import PresetFactory, TemplateVersionFactory, prebuild
 from workspaces.models import ProvisionerJob, TemplateVersionPreset
 
 pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def _fresh_sizing_cache():
+    sizing_cache_clear()
+    yield
+    sizing_cache_clear()
+
 
 # Monday 2026-11-30 10:30 UTC: hour of the week 10.
 NOW = datetime(2026, 11, 30, 10, 30, tzinfo=UTC)
@@ -215,3 +223,19 @@ def test_the_overview_marks_a_pool_sized_by_a_goal_with_its_reason(client):
     assert 'title="desired 3: history too short (0.0 of 7 days of requests)' in page
     assert page.count("data-sizing=") == 1
     assert f'id="preset-{plain.id}"' in page  # listed, without a goal mark
+
+
+def test_demand_figures_are_reused_for_five_minutes(django_assert_num_queries):
+    preset = goal_preset()
+    record_builds(preset)
+    record_requests(preset, weeks=2, per_minute=dict.fromkeys(range(60), 1))
+    first = entry_of(preset).sizing
+
+    PrebuildClaim.objects.filter(preset=preset).delete()
+    with django_assert_num_queries(5):  # the figures of the first snapshot are reused
+        reused = reconciliation_snapshot(now=NOW + SIZING_REFRESH - timedelta(seconds=1))
+    later = reconciliation_snapshot(now=NOW + SIZING_REFRESH)  # read again: no demand now
+
+    assert [e.sizing for e in reused.presets] == [first]
+    assert first.policy == "target"
+    assert later.presets[0].sizing.policy == "fallback"
