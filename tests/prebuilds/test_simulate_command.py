@@ -104,6 +104,15 @@ def test_it_compares_several_policies_and_prints_a_table(files):
     assert lines[2].split()[1:3] == ["0.000", "3"]  # no pool: every request misses
 
 
+def test_policies_may_follow_one_option(files):
+    demand, builds = files
+    common = ("--demand", str(demand), "--build-seconds-file", str(builds), "--json")
+    one = json.loads(run(*common, "--policy", "fixed:1", "target:0.9"))
+    two = json.loads(run(*common, "--policy", "fixed:1", "--policy", "target:0.9"))
+    assert [p["policy"] for p in one["policies"]] == ["fixed:1", "target:0.9"]
+    assert one == two
+
+
 def _recorded_preset():
     preset = PresetFactory(desired_instances=2, target_hit_rate=0.9, max_instances=10)
     preset.schedules.create(position=0, cron="* 9-17 * * 1-5", instances=3)

@@ -55,10 +55,12 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--policy",
-            action="append",
+            action="extend",
+            nargs="+",
             default=[],
             metavar="POLICY",
-            help="fixed:N, schedule or target:R; repeat to compare (default: the preset's).",
+            help="fixed:N, schedule or target:R; several (`--policy a b` or `--policy a "
+            "--policy b`) to compare (default: the preset's own).",
         )
         parser.add_argument("--seed", type=_seed, default=0)
         parser.add_argument(
