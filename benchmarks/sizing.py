@@ -31,6 +31,10 @@ from prebuilds.simulation import Policy, PolicyReport, simulate
 
 SEED = 17
 INTERVAL = 15.0  # seconds between simulated passes (PREBUILDS_RECONCILIATION_INTERVAL)
+# The in-flight caps' defaults (PREBUILDS_MAX_IN_FLIGHT, _PER_PRESET): a pool grows (or refills
+# after a burst) at most five builds at a time, as the real reconciler paces it.
+MAX_IN_FLIGHT = 10
+MAX_IN_FLIGHT_PER_PRESET = 5
 WEEK_START = datetime(2026, 11, 30, tzinfo=UTC)  # a Monday: the scored week
 HISTORY_WEEKS = 4
 TARGET = 0.95
@@ -93,6 +97,8 @@ def backtest(seed: int = SEED) -> dict[str, Any]:
             end=end,
             interval=INTERVAL,
             seed=seed,
+            max_in_flight=MAX_IN_FLIGHT,
+            max_in_flight_per_preset=MAX_IN_FLIGHT_PER_PRESET,
         )
 
     target = replay(Policy("target", target_hit_rate=TARGET, max_instances=MAX_INSTANCES))

@@ -56,6 +56,8 @@ class Backtest:
                 interval=self.interval,
                 seed=seed,
                 lookback=timedelta(days=settings.PREBUILDS_SIZING_LOOKBACK_DAYS),
+                max_in_flight=settings.PREBUILDS_MAX_IN_FLIGHT,
+                max_in_flight_per_preset=settings.PREBUILDS_MAX_IN_FLIGHT_PER_PRESET,
             )
             for policy in self.policies
         ]

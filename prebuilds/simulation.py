@@ -7,8 +7,9 @@ module replays them in simulated time as discrete events:
 - a **request** takes a ready prebuild if there is one (a hit: it waits 0 s) or misses (it waits
   for a cold build, a duration drawn from the recorded ones);
 - a **pass** every `interval` seconds builds a `PresetSnapshot` of the simulated pool and calls
-  the real `calculate_actions`: CREATE starts builds (each ready after a drawn duration),
-  DELETE removes prebuilds (at once: a deleting prebuild serves nobody either way);
+  the real `calculate_actions`: CREATE starts builds (each ready after a drawn duration), paced
+  by the real in-flight caps (`prebuilds.pacing`), DELETE removes prebuilds (at once: a
+  deleting prebuild serves nobody either way);
 - a **build** finishing makes one more prebuild ready.
 
 Events at the same instant run in the order: builds finish, requests, the pass. The pool
@@ -37,6 +38,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from prebuilds.pacing import Demand as PacingDemand
+from prebuilds.pacing import allowed_creations
 from prebuilds.reconciliation import (
     ActionType,
     PrebuildInfo,
@@ -172,11 +175,15 @@ def simulate(
     interval: float = 15.0,
     seed: int = 0,
     lookback: timedelta = timedelta(days=LOOKBACK_DAYS),
+    max_in_flight: int = 0,
+    max_in_flight_per_preset: int = 0,
 ) -> PolicyReport:
     """Replay the requests in `[start, end)` under `policy`; earlier requests are history only.
 
     `build_seconds` are the recorded build durations a build's duration is drawn from (at least
-    one). Returns the policy's report over `[start, end)`.
+    one). The in-flight caps (`PREBUILDS_MAX_IN_FLIGHT` and `_PER_PRESET`, 0: none) pace
+    creations through the reconciler's own `prebuilds.pacing.allowed_creations`, the simulated
+    preset being alone in the deployment. Returns the policy's report over `[start, end)`.
     """
     if not build_seconds:
         raise ValueError("at least one build duration is needed")
@@ -267,10 +274,23 @@ def simulate(
         )
         for action in calculate_actions(snapshot, moment, timedelta(0)):
             if action.type is ActionType.CREATE:
-                for _ in range(action.create):
+                in_flight = len(finishing)
+                demand = PacingDemand(
+                    key=preset_id,
+                    want=action.create,
+                    in_flight=in_flight,
+                    supply=len(ready) + in_flight,
+                )
+                count = allowed_creations(
+                    [demand],
+                    in_flight_total=in_flight,
+                    limit=max_in_flight,
+                    per_preset_limit=max_in_flight_per_preset,
+                )[preset_id]
+                for _ in range(count):
                     done = moment + timedelta(seconds=rng.choice(durations))
                     heapq.heappush(finishing, done)
-                builds += action.create
+                builds += count
             elif action.type is ActionType.DELETE:
                 gone = set(action.delete_ids)
                 ready = [prebuild for prebuild in ready if prebuild.id not in gone]

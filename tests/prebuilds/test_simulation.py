@@ -53,6 +53,16 @@ def test_a_build_ending_as_a_request_arrives_serves_it_and_a_pass_follows_the_re
     assert (report["misses"], report["builds"]) == (0, 2)
 
 
+def test_creations_are_paced_by_the_in_flight_caps():
+    # Ten claims empty a pool of ten in the first 10 s; the pass at 10 s wants ten builds. With
+    # at most five in flight per preset, five start, and no more until one finishes (100 s).
+    requests = at(*range(0, 10))
+    paced = run(Policy("fixed", instances=10), requests, end=60, max_in_flight_per_preset=5)
+    global_cap = run(Policy("fixed", instances=10), requests, end=60, max_in_flight=3)
+    free = run(Policy("fixed", instances=10), requests, end=60)
+    assert (paced["builds"], global_cap["builds"], free["builds"]) == (5, 3, 10)
+
+
 def test_requests_before_the_window_are_history_only():
     report = run(Policy("fixed", instances=1), [T - timedelta(hours=1), *at(5)])
     assert report["requests"] == 1
