@@ -196,31 +196,14 @@ def simulate(
     scored = ordered[bisect.bisect_left(ordered, start) : bisect.bisect_left(ordered, end)]
     preset_id = uuid.UUID(int=0)
     ids = (uuid.UUID(int=n) for n in itertools.count(1))
-    sizing_cache: dict[tuple[int, int], int] = {}
-    hour_key: list[object] = [None, None]  # (hour started, Demand) refreshed once an hour
+    sizer = _TargetSizer(policy, history, durations) if policy.kind == "target" else None
 
     def desired(now: datetime) -> int:
+        if sizer is not None:
+            return sizer.desired(now)
         if policy.kind == "fixed":
             return policy.instances
-        if policy.kind == "schedule":
-            return _scheduled(policy, now)
-        hour = now.replace(minute=0, second=0, microsecond=0)
-        if hour_key[0] != hour:
-            hour_key[0], hour_key[1] = hour, history.at(hour)
-            sizing_cache.clear()
-        demand: Demand = hour_key[1]  # type: ignore[assignment]
-        refill = percentile(durations, 90)
-        key = (hour_of_week(now), hour_of_week(now + timedelta(seconds=refill)))
-        if key not in sizing_cache:
-            goal = SizingGoal(policy.target_hit_rate, policy.min_instances, policy.max_instances)
-            sizing_cache[key] = desired_size(
-                goal=goal,
-                demand=demand,
-                build_seconds=durations,
-                now=now,
-                fallback=_scheduled(policy, now),
-            ).desired
-        return sizing_cache[key]
+        return _scheduled(policy, now)
 
     # The pool starts full and ready.
     ready: list[PrebuildInfo] = [
@@ -306,6 +289,41 @@ def simulate(
         idle_prebuild_hours=idle_seconds / 3600,
         builds=builds,
     )
+
+
+class _TargetSizer:
+    """`target:R` in simulated time: `desired_size` on the demand recorded before each moment.
+
+    The demand figures are refreshed at each simulated hour; within it, a size is computed once
+    per (hour of the week now, one refill ahead, fallback), the only inputs that can change.
+    """
+
+    def __init__(self, policy: Policy, history: _History, durations: Sequence[float]) -> None:
+        self.policy = policy
+        self.history = history
+        self.durations = durations
+        self.refill = timedelta(seconds=percentile(durations, 90))
+        self.goal = SizingGoal(policy.target_hit_rate, policy.min_instances, policy.max_instances)
+        self.hour: datetime | None = None
+        self.demand = Demand(history_days=0.0)
+        self.sizes: dict[tuple[int, int, int], int] = {}
+
+    def desired(self, now: datetime) -> int:
+        hour = now.replace(minute=0, second=0, microsecond=0)
+        if hour != self.hour:
+            self.hour, self.demand = hour, self.history.at(hour)
+            self.sizes.clear()
+        fallback = _scheduled(self.policy, now)
+        key = (hour_of_week(now), hour_of_week(now + self.refill), fallback)
+        if key not in self.sizes:
+            self.sizes[key] = desired_size(
+                goal=self.goal,
+                demand=self.demand,
+                build_seconds=self.durations,
+                now=now,
+                fallback=fallback,
+            ).desired
+        return self.sizes[key]
 
 
 def _scheduled(policy: Policy, now: datetime) -> int:
