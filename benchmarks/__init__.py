@@ -32,6 +32,7 @@ MODULES = (
     "benchmarks.claim",
     "benchmarks.reinit",
     "benchmarks.load",
+    "benchmarks.sizing",  # simulated time only: no servers, no database
 )
 
 CONTRACT_KEYS = (
@@ -60,6 +61,10 @@ CONTRACT_KEYS = (
     "mixed_metrics_staleness_max_s",
     "mixed_pool_size",
     "load_whole_system",
+    "sizing_hit_rate",
+    "sizing_idle_ratio",
+    "sizing_fixed_size",
+    "sizing_trace_requests",
 )
 
 

@@ -30,6 +30,11 @@ PREBUILDS_BACKOFF_LOOKBACK = timedelta(
     seconds=env.float_("PREBUILDS_BACKOFF_LOOKBACK", 3600, minimum=0)
 )
 PREBUILDS_FAILURE_HARD_LIMIT = env.int_("PREBUILDS_FAILURE_HARD_LIMIT", 3, minimum=0)
+# Sizing by a goal (prebuilds.sizing): the days of recorded claim requests and prebuild build
+# durations a preset with `target_hit_rate` is sized from.
+PREBUILDS_SIZING_LOOKBACK_DAYS = env.int_(
+    "PREBUILDS_SIZING_LOOKBACK_DAYS", 28, minimum=7, maximum=3650
+)
 # Bounds on prebuild pools (workspaces.pool_limits): the most prebuilt instances one preset may
 # ask for (its instances and each schedule's), and the most an organization's active presets
 # may ask for together. Template files, the admin and the dashboard all refuse more.

@@ -158,6 +158,9 @@ class PresetRow:
     last_failure_error: str = ""
     last_failure_at: datetime | None = None
     unhealthy: int = 0  # running prebuilds whose agents are gone (issue 12)
+    # A pool sized by a goal (prebuilds.sizing): "target" or "fallback", and why ("" otherwise).
+    sizing_policy: str = ""
+    sizing_reason: str = ""
 
     @property
     def dom_id(self) -> str:
@@ -443,6 +446,8 @@ def _preset_row(
         last_failure_error=entry.failures.last.error if entry.failures.last else "",
         last_failure_at=entry.failures.last.at if entry.failures.last else None,
         unhealthy=state.unhealthy,
+        sizing_policy=entry.sizing.policy if entry.sizing else "",
+        sizing_reason=entry.sizing.reason if entry.sizing else "",
     )
 
 

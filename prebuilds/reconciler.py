@@ -133,6 +133,12 @@ class LastFailureDocument(TypedDict):
     at: str
 
 
+class SizingDocument(TypedDict):
+    policy: Literal["target", "fallback"]
+    desired: int
+    reason: str
+
+
 class PresetDocument(TypedDict):
     preset_id: str
     template_id: str
@@ -150,6 +156,9 @@ class PresetDocument(TypedDict):
     # the newest failure whatever its age (null: none).
     failures: FailuresDocument
     last_failure: LastFailureDocument | None
+    # Added (issue 17): how a pool sized by a goal got its desired size (null: not sized by a
+    # goal). `policy` is "target" (from recorded demand) or "fallback" (history too short).
+    sizing: SizingDocument | None
 
 
 class PassDocument(TypedDict):
@@ -345,7 +354,7 @@ def preset_validation_problem(entry: PresetEntry) -> str | None:
     unknown = sorted(set(entry.parameters) - entry.version_parameter_names)
     if unknown:
         return f"parameters not declared by the template version: {', '.join(unknown)}"
-    problem = validate_schedules(entry.snapshot.timezone, entry.snapshot.schedules)
+    problem = validate_schedules(entry.snapshot.timezone, entry.declared_schedules)
     return f"schedules: {problem}" if problem else None
 
 
@@ -691,6 +700,15 @@ def _preset_document(result: PresetResult) -> PresetDocument:
             "infrastructure": entry.failures.infrastructure,
         },
         "last_failure": _last_failure_document(entry),
+        "sizing": (
+            {
+                "policy": entry.sizing.policy,  # type: ignore[typeddict-item]
+                "desired": entry.sizing.desired,
+                "reason": entry.sizing.reason,
+            }
+            if entry.sizing is not None
+            else None
+        ),
     }
 
 

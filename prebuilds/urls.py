@@ -29,6 +29,7 @@ urlpatterns = [
         views.preset_cancel_pending_view,
         name="preset-cancel-pending",
     ),
+    path("presets/<uuid:preset_id>/backtest", views.preset_backtest, name="preset-backtest"),
     path(
         "presets/<uuid:preset_id>/confirm/<slug:action>",
         views.preset_confirm,

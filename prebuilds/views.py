@@ -31,6 +31,7 @@ from django.views.decorators.http import require_POST, require_safe
 from accounts.services import system_user
 from prebuilds import dashboard
 from prebuilds.audit import audit_record
+from prebuilds.backtest import BacktestError, backtest_prepare
 from prebuilds.forms import DesiredInstancesForm, PauseForm, WorkspaceFilterForm
 from prebuilds.models import AuditAction
 from prebuilds.reconciler import prebuild_delete
@@ -367,6 +368,37 @@ CONFIRMATIONS = {
         "Cancel pending builds",
     ),
 }
+
+
+BACKTEST_DAYS = (1, 7, 14, 28)
+
+
+@staff_required
+@require_GET
+def preset_backtest(request: HttpRequest, preset_id: UUID) -> HttpResponse:
+    """The `simulate_prebuilds` comparison for this preset's recorded demand (its own policies:
+    `fixed:<instances>`, its schedule, `target:<its rate or 0.95>`), seed 0. Writes nothing."""
+    preset = _preset_or_404(preset_id)
+    raw_days = request.GET.get("days", "7")
+    context: dict = {"preset": preset, "days_choices": BACKTEST_DAYS, "days": raw_days}
+    status = 200
+    if not raw_days.isdigit() or int(raw_days) not in BACKTEST_DAYS:
+        context["error"] = f"days: must be one of {', '.join(map(str, BACKTEST_DAYS))}"
+        status = 400
+    else:
+        try:
+            backtest = backtest_prepare(
+                preset_id=str(preset.id),
+                days=int(raw_days),
+                demand_path=None,
+                build_seconds_path=None,
+                policies=(),
+            )
+        except BacktestError as exc:
+            context["error"] = str(exc).replace("--build-seconds-file: ", "")
+        else:
+            context.update(backtest=backtest, reports=backtest.run(0))
+    return render(request, "prebuilds/backtest.html", context, status=status)
 
 
 @staff_required

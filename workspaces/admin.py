@@ -175,7 +175,18 @@ class PresetAdmin(admin.ModelAdmin):
     list_filter = ("prebuild_status", "template_version__template__organization")
     list_select_related = ("template_version", "template_version__template")
     search_fields = ("name", "template_version__template__name", "id")
-    readonly_fields = ("id", "template_version", "name", "parameters")
+    # The sizing goal comes from the template file (checked there, with the pool limits); shown
+    # here, not edited, so the admin needs no second set of those checks.
+    readonly_fields = (
+        "id",
+        "template_version",
+        "name",
+        "parameters",
+        "target_hit_rate",
+        "min_instances",
+        "max_instances",
+        "cost_per_hour",
+    )
     fields = (
         *readonly_fields,
         "desired_instances",

@@ -17,7 +17,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import models
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 
 from accounts.models import SYSTEM_USER_ID, Organization
@@ -124,6 +124,17 @@ class TemplateVersionPreset(models.Model):
     )
     prebuild_status_reason = models.TextField(blank=True)
     prebuild_status_changed_at = models.DateTimeField(null=True, blank=True)
+    # Sizing by a goal (prebuilds.sizing): with a target, the reconciler derives the pool size
+    # from recorded demand within [min_instances, max_instances]; desired_instances and the
+    # schedules are the fallback while the history is too short.
+    target_hit_rate = models.FloatField(
+        null=True, blank=True, help_text="Share of claim requests to serve warm (0-1, exclusive)."
+    )
+    min_instances = models.PositiveIntegerField(default=0)
+    max_instances = models.PositiveIntegerField(null=True, blank=True)
+    cost_per_hour = models.FloatField(
+        null=True, blank=True, help_text="Cost of one prebuild for an hour (economics only)."
+    )
 
     class Meta:
         ordering = ["template_version", "name"]
@@ -133,6 +144,15 @@ class TemplateVersionPreset(models.Model):
             models.CheckConstraint(
                 condition=Q(invalidate_after__isnull=True) | Q(invalidate_after__gte=timedelta(0)),
                 name="preset_ttl_not_negative",
+            ),
+            models.CheckConstraint(
+                condition=Q(target_hit_rate__isnull=True)
+                | Q(target_hit_rate__gt=0, target_hit_rate__lt=1, max_instances__isnull=False),
+                name="preset_target_hit_rate_valid",
+            ),
+            models.CheckConstraint(
+                condition=Q(max_instances__isnull=True) | Q(max_instances__gte=F("min_instances")),
+                name="preset_sizing_bounds_ordered",
             ),
         ]
 

@@ -9,8 +9,9 @@ written, instead of being turned into a billion workspaces by the next pass.
 
 The two bounds (settings, read at call time):
 
-- ``PREBUILDS_MAX_INSTANCES_PER_PRESET``: no single count a preset declares (its ``instances``
-  and each schedule's ``instances``) may exceed it.
+- ``PREBUILDS_MAX_INSTANCES_PER_PRESET``: no single count a preset declares (its ``instances``,
+  each schedule's ``instances`` and, for a pool sized by a goal, its ``max_instances``) may
+  exceed it.
 - ``PREBUILDS_MAX_INSTANCES_PER_ORGANIZATION``: the organization total, defined in
   ``organization_pool_peaks``, may not be raised above it.
 """
@@ -45,11 +46,18 @@ class PoolSize:
     instances_field: str
     schedules: tuple[tuple[str, int], ...] = ()  # (field, instances) per schedule
     preset_id: UUID | None = None  # the stored preset this changes; None: a preset to come
+    # A pool sized by a goal (prebuilds.sizing) may grow up to max_instances. An empty field
+    # name: the bound is the stored one, unchanged by this entry point (counted in the peak,
+    # not checked against the per-preset maximum, since this entry point cannot edit it).
+    max_instances: int | None = None
+    max_instances_field: str = "max_instances"
 
     @property
     def peak(self) -> int:
         """The most prebuilds this pool can ask for at any moment."""
-        return max([self.instances or 0, *(count for _, count in self.schedules)])
+        return max(
+            [self.instances or 0, self.max_instances or 0, *(count for _, count in self.schedules)]
+        )
 
 
 @dataclass(frozen=True)
@@ -88,7 +96,9 @@ def organization_pool_peaks(*, organization_id: UUID) -> dict[UUID, tuple[UUID, 
     The organization total is the sum, over every preset on the **active version** of each
     **non-deleted** template of the organization (deprecated ones included: un-deprecating
     needs no check then), of the preset's peak: the largest of its ``desired_instances``
-    (None counts as 0) and its schedules' ``instances``. That is the most prebuilds the
+    (None counts as 0), its schedules' ``instances`` and its ``max_instances`` (a pool sized
+    by a goal grows up to it; counted whether or not a target is set, since a stored bound
+    is what an operator can switch on). That is the most prebuilds the
     organization's pools can ask for at one moment, whatever the clock says. One query.
     """
     rows = (
@@ -98,11 +108,17 @@ def organization_pool_peaks(*, organization_id: UUID) -> dict[UUID, tuple[UUID, 
             template_version__template__active_version=F("template_version"),
         )
         .annotate(schedule_peak=Max("schedules__instances"))
-        .values_list("id", "template_version__template_id", "desired_instances", "schedule_peak")
+        .values_list(
+            "id",
+            "template_version__template_id",
+            "desired_instances",
+            "schedule_peak",
+            "max_instances",
+        )
     )
     return {
-        preset_id: (template_id, max(desired or 0, schedule_peak or 0))
-        for preset_id, template_id, desired, schedule_peak in rows
+        preset_id: (template_id, max(desired or 0, schedule_peak or 0, maximum or 0))
+        for preset_id, template_id, desired, schedule_peak, maximum in rows
     }
 
 
@@ -151,6 +167,9 @@ def pool_sizes_check(
         for pool in pools
         for problem in (
             instances_problem(pool.instances_field, pool.instances),
+            instances_problem(pool.max_instances_field, pool.max_instances)
+            if pool.max_instances_field
+            else None,
             *(instances_problem(field, count) for field, count in pool.schedules),
         )
         if problem is not None
@@ -202,4 +221,7 @@ def preset_pool_size(
         instances_field=instances_field,
         schedules=tuple(schedules.items()),
         preset_id=preset.id,
+        # The stored bound of a goal-sized pool still counts towards its peak.
+        max_instances=preset.max_instances,
+        max_instances_field="",
     )

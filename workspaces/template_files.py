@@ -63,7 +63,16 @@ TEMPLATE_KEYS = (
 PARAMETER_KEYS = ("name", "default", "description")
 AGENT_KEYS = ("name", "startup_script")
 PRESET_KEYS = ("name", "parameters", "prebuilds")
-PREBUILD_KEYS = ("instances", "ttl_seconds", "timezone", "schedule")
+PREBUILD_KEYS = (
+    "instances",
+    "ttl_seconds",
+    "timezone",
+    "schedule",
+    "target_hit_rate",
+    "min_instances",
+    "max_instances",
+    "cost_per_hour",
+)
 SCHEDULE_KEYS = ("cron", "instances")
 
 Scalar = str | int | float | bool
@@ -92,12 +101,22 @@ class AgentSpec:
 
 @dataclass(frozen=True)
 class PrebuildSpec:
-    """The pool a preset declares: ``instances`` outside schedules; schedules first-match."""
+    """The pool a preset declares: ``instances`` outside schedules; schedules first-match.
+
+    With ``target_hit_rate`` the reconciler sizes the pool from recorded demand within
+    ``[min_instances, max_instances]`` (``prebuilds.sizing``); ``instances`` and the schedules
+    are then the fallback while the history is too short (``instances`` defaults to
+    ``min_instances``). ``cost_per_hour`` is stored for the economics view.
+    """
 
     instances: int
     ttl_seconds: int | None = None  # None or 0: prebuilds never expire by age
     timezone: str = ""
     schedules: tuple[PrebuildSchedule, ...] = ()
+    target_hit_rate: float | None = None
+    min_instances: int | None = None
+    max_instances: int | None = None
+    cost_per_hour: float | None = None
 
 
 @dataclass(frozen=True)
@@ -515,11 +534,15 @@ class _Validator:
         if table is None:
             return None
         errors_before = len(self.errors)
+        goal = self.sizing_goal(table, path)
         instances = None
-        if "instances" not in table:
-            self.error(f"{path}.instances", "required (a whole number >= 0)")
-        else:
+        if "instances" in table:
             instances = self.whole_number(table["instances"], f"{path}.instances")
+        elif "target_hit_rate" in table:
+            # A goal instead of a size: until the history is long enough, min_instances.
+            instances = (goal or {}).get("min_instances") or 0
+        else:
+            self.error(f"{path}.instances", "required (a whole number >= 0)")
         ttl_seconds = None
         if "ttl_seconds" in table:
             ttl_seconds = self.whole_number(table["ttl_seconds"], f"{path}.ttl_seconds")
@@ -539,8 +562,65 @@ class _Validator:
             self.error(path, problem)
             return None
         return PrebuildSpec(
-            instances=instances, ttl_seconds=ttl_seconds, timezone=timezone, schedules=schedules
+            instances=instances,
+            ttl_seconds=ttl_seconds,
+            timezone=timezone,
+            schedules=schedules,
+            **(goal or {}),
         )
+
+    def sizing_goal(self, table: dict[str, Any], path: str) -> dict[str, Any] | None:
+        """``target_hit_rate``, ``min_instances``, ``max_instances`` and ``cost_per_hour``.
+
+        ``max_instances`` is required with a target: it is the pool's peak for the pool limits
+        (``workspaces.pool_limits``). The bounds without a target would bound nothing, so they
+        are refused rather than silently ignored.
+        """
+        goal: dict[str, Any] = {}
+        if "cost_per_hour" in table:
+            cost = table["cost_per_hour"]
+            if isinstance(cost, bool) or not isinstance(cost, int | float) or not cost >= 0:
+                self.error(
+                    f"{path}.cost_per_hour", f"must be a number >= 0 (got {_describe(cost)})"
+                )
+            elif cost > MAX_WHOLE_NUMBER:
+                self.error(f"{path}.cost_per_hour", f"must be at most {MAX_WHOLE_NUMBER}")
+            else:
+                goal["cost_per_hour"] = float(cost)
+        if "target_hit_rate" not in table:
+            for key in ("min_instances", "max_instances"):
+                if key in table:
+                    self.error(f"{path}.{key}", "only allowed with target_hit_rate")
+            return goal
+        rate = table["target_hit_rate"]
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate < 1:
+            self.error(
+                f"{path}.target_hit_rate",
+                f"must be a number between 0 and 1, exclusive, e.g. 0.95 (got {_describe(rate)})",
+            )
+        else:
+            goal["target_hit_rate"] = float(rate)
+        minimum = 0
+        if "min_instances" in table:
+            minimum = self.whole_number(table["min_instances"], f"{path}.min_instances")
+        maximum = None
+        if "max_instances" not in table:
+            self.error(
+                f"{path}.max_instances", "required with target_hit_rate (a whole number >= 1)"
+            )
+        else:
+            maximum = self.whole_number(table["max_instances"], f"{path}.max_instances")
+            if maximum == 0:
+                self.error(f"{path}.max_instances", "must be at least 1 with target_hit_rate")
+                maximum = None
+        if minimum is not None and maximum is not None and minimum > maximum:
+            self.error(
+                f"{path}.min_instances",
+                f"must not be above max_instances ({minimum} > {maximum})",
+            )
+        goal["min_instances"] = minimum
+        goal["max_instances"] = maximum
+        return goal
 
     def timezone(self, table: dict[str, Any], path: str) -> str | None:
         timezone = self.string(table, "timezone", path, max_length=MAX_TIMEZONE_LENGTH)

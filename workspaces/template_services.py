@@ -147,6 +147,8 @@ def _pool_sizes(spec: TemplateSpec) -> list[PoolSize]:
             PoolSize(
                 instances=preset.prebuilds.instances,
                 instances_field=f"{path}.instances",
+                max_instances=preset.prebuilds.max_instances,
+                max_instances_field=f"{path}.max_instances",
                 schedules=tuple(
                     (f"{path}.schedule[{position}].instances", schedule.instances)
                     for position, schedule in enumerate(preset.prebuilds.schedules)
@@ -173,6 +175,10 @@ def _presets_create(*, version: TemplateVersion, spec: TemplateSpec) -> None:
                 else None
             ),
             scheduling_timezone=prebuilds.timezone if prebuilds else "",
+            target_hit_rate=prebuilds.target_hit_rate if prebuilds else None,
+            min_instances=(prebuilds.min_instances or 0) if prebuilds else 0,
+            max_instances=prebuilds.max_instances if prebuilds else None,
+            cost_per_hour=prebuilds.cost_per_hour if prebuilds else None,
         )
         presets.append(preset)
         for position, schedule in enumerate(prebuilds.schedules if prebuilds else ()):

@@ -42,6 +42,8 @@ PRESET_KEYS = {
     # Added by issue 12 (the contract allows added keys): failures by kind, the newest one.
     "failures",
     "last_failure",
+    # Added by issue 17: how a pool sized by a goal got its size (null otherwise).
+    "sizing",
 }
 
 
@@ -87,6 +89,7 @@ def test_it_prints_the_dry_run_document():
         "actions": [{"type": "create", "count": 2, "reason": "below_desired"}],
         "failures": {"template": 0, "infrastructure": 0},
         "last_failure": None,
+        "sizing": None,
     }
     assert set(entry["state"]) == STATE_KEYS
     assert list(Workspace.objects.filter(owner_id=SYSTEM_USER_ID)) == [running]

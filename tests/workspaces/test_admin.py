@@ -461,3 +461,18 @@ def test_the_job_list_filters_failures_by_kind(staff_client):
     assert response.status_code == 200
     assert str(lost.id) in body and str(broken.id) not in body
     assert "Infrastructure" in body
+
+
+def test_the_preset_form_shows_a_sizing_goal_and_cannot_change_it(staff_client, rows):
+    preset = rows["preset"]
+    TemplateVersionPreset.objects.filter(id=preset.id).update(
+        target_hit_rate=0.95, min_instances=1, max_instances=12
+    )
+    url = f"/admin/workspaces/templateversionpreset/{preset.id}/change/"
+
+    page = staff_client.get(url).content.decode()
+    staff_client.post(url, _preset_form(preset, max_instances="99", target_hit_rate="0.5"))
+
+    assert "0.95" in page and "Max instances" in page
+    preset.refresh_from_db()
+    assert (preset.target_hit_rate, preset.max_instances) == (0.95, 12)

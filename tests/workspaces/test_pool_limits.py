@@ -18,6 +18,7 @@ from workspaces.pool_limits import (
     PoolSizeError,
     organization_pool_peaks,
     pool_sizes_check,
+    preset_pool_size,
 )
 
 pytestmark = pytest.mark.django_db
@@ -215,3 +216,32 @@ def test_two_writers_each_under_the_total_cannot_exceed_it_together():
     }
     stored = dict(TemplateVersionPreset.objects.values_list("id", "desired_instances"))
     assert (stored[first_preset.id], stored[second_preset.id]) == (8, 0)
+
+
+def test_max_instances_of_a_goal_counts_as_the_peak():
+    PresetFactory(desired_instances=1, target_hit_rate=0.9, min_instances=1, max_instances=8)
+    PresetFactory(desired_instances=3)
+    changed = PresetFactory(desired_instances=2)
+    assert total() == 8 + 3 + 2
+
+    def goal(maximum: int) -> PoolSize:
+        return PoolSize(
+            2, "instances", preset_id=changed.id, max_instances=maximum, max_instances_field="m"
+        )
+
+    assert refused([goal(11)]) == [
+        "m: 11 is above the maximum of 10 (PREBUILDS_MAX_INSTANCES_PER_PRESET)"
+    ]
+    check([goal(9)])  # 8 + 3 + 9 = 20
+    assert refused([goal(10)]) == [TOTAL_ABOVE.format(after=21, before=13)]
+
+
+def test_editing_desired_instances_keeps_counting_the_stored_max_instances():
+    goal = PresetFactory(desired_instances=1, target_hit_rate=0.9, max_instances=15)
+    PresetFactory(desired_instances=4)
+    # 15 + 4 = 19: the goal preset's fallback may go up to its bound without changing its peak.
+    check([preset_pool_size(goal, instances=3, instances_field="instances")])
+    other = PresetFactory(desired_instances=0)
+    assert refused([preset_pool_size(other, instances=2, instances_field="instances")]) == [
+        TOTAL_ABOVE.format(after=21, before=19)
+    ]

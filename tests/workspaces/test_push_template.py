@@ -418,3 +418,34 @@ def test_template_push_itself_refuses_oversized_instances():
         template_push(organization=organization_default(), spec=spec, source="")
 
     assert row_counts() == before
+
+
+def test_it_stores_a_sizing_goal(tmp_path):
+    text = TEMPLATE.replace(
+        "instances = 3\n",
+        "instances = 3\ntarget_hit_rate = 0.95\nmin_instances = 1\nmax_instances = 12\n"
+        "cost_per_hour = 0.12\n",
+        1,
+    )
+    assert text != TEMPLATE
+    push(str(write(tmp_path, text)))
+
+    standard = TemplateVersionPreset.objects.get(name="standard")
+    assert (standard.target_hit_rate, standard.min_instances, standard.max_instances) == (
+        0.95,
+        1,
+        12,
+    )
+    assert (standard.desired_instances, standard.cost_per_hour) == (3, 0.12)
+    cold = TemplateVersionPreset.objects.get(name="cold")
+    assert (cold.target_hit_rate, cold.min_instances, cold.max_instances) == (None, 0, None)
+
+
+def test_it_refuses_a_max_instances_above_the_per_preset_maximum(tmp_path, settings):
+    settings.PREBUILDS_MAX_INSTANCES_PER_PRESET = 10
+    text = TEMPLATE.replace(
+        "instances = 3\n", "instances = 3\ntarget_hit_rate = 0.95\nmax_instances = 11\n", 1
+    )
+    message = refused(str(write(tmp_path, text)))
+    assert "presets[0].prebuilds.max_instances: 11 is above the maximum of 10" in message
+    assert row_counts() == (0, 0, 0, 0)

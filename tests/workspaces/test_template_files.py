@@ -683,3 +683,80 @@ def test_it_never_fails_with_anything_but_a_template_file_error(document):
     except TemplateFileError as exc:
         assert exc.messages
         assert all(": " in message for message in exc.messages)
+
+
+# -- sizing by a goal ----------------------------------------------------------------------
+
+
+def test_it_parses_a_sizing_goal():
+    spec = parse_template(
+        prebuilds_with(
+            "target_hit_rate = 0.95\nmin_instances = 1\nmax_instances = 20\ncost_per_hour = 0.12\n"
+        )
+    )
+    prebuilds = spec.presets[0].prebuilds
+    assert (prebuilds.target_hit_rate, prebuilds.min_instances, prebuilds.max_instances) == (
+        0.95,
+        1,
+        20,
+    )
+    assert prebuilds.cost_per_hour == 0.12
+    # No `instances`: the fallback while history is short is min_instances.
+    assert prebuilds.instances == 1
+
+
+def test_a_goal_may_sit_on_top_of_instances():
+    spec = parse_template(
+        prebuilds_with("instances = 4\ntarget_hit_rate = 0.9\nmax_instances = 9\n")
+    )
+    prebuilds = spec.presets[0].prebuilds
+    assert (prebuilds.instances, prebuilds.min_instances, prebuilds.max_instances) == (4, 0, 9)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            "target_hit_rate = 1\nmax_instances = 5\n",
+            "presets[0].prebuilds.target_hit_rate: must be a number between 0 and 1, exclusive, "
+            "e.g. 0.95 (got 1)",
+        ),
+        (
+            "target_hit_rate = 0.0\nmax_instances = 5\n",
+            "presets[0].prebuilds.target_hit_rate: must be a number between 0 and 1, exclusive, "
+            "e.g. 0.95 (got 0.0)",
+        ),
+        (
+            'target_hit_rate = "high"\nmax_instances = 5\n',
+            "presets[0].prebuilds.target_hit_rate: must be a number between 0 and 1, exclusive, "
+            'e.g. 0.95 (got "high")',
+        ),
+        (
+            "target_hit_rate = 0.9\n",
+            "presets[0].prebuilds.max_instances: required with target_hit_rate (a whole number "
+            ">= 1)",
+        ),
+        (
+            "target_hit_rate = 0.9\nmax_instances = 0\n",
+            "presets[0].prebuilds.max_instances: must be at least 1 with target_hit_rate",
+        ),
+        (
+            "target_hit_rate = 0.9\nmin_instances = 6\nmax_instances = 5\n",
+            "presets[0].prebuilds.min_instances: must not be above max_instances (6 > 5)",
+        ),
+        (
+            "target_hit_rate = 0.9\nmin_instances = -1\nmax_instances = 5\n",
+            "presets[0].prebuilds.min_instances: must be a whole number >= 0 (got -1)",
+        ),
+        (
+            "instances = 2\nmax_instances = 5\n",
+            "presets[0].prebuilds.max_instances: only allowed with target_hit_rate",
+        ),
+        (
+            "instances = 2\ncost_per_hour = -0.5\n",
+            "presets[0].prebuilds.cost_per_hour: must be a number >= 0 (got -0.5)",
+        ),
+    ],
+)
+def test_it_refuses_a_bad_sizing_goal_naming_the_field(body, message):
+    assert message in problems(prebuilds_with(body))
