@@ -374,7 +374,7 @@ BACKTEST_DAYS = (1, 7, 14, 28)
 
 
 @staff_required
-@require_GET
+@require_safe
 def preset_backtest(request: HttpRequest, preset_id: UUID) -> HttpResponse:
     """The `simulate_prebuilds` comparison for this preset's recorded demand (its own policies:
     `fixed:<instances>`, its schedule, `target:<its rate or 0.95>`), seed 0. Writes nothing."""
