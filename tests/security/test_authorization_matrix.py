@@ -82,6 +82,8 @@ MATRIX: list[tuple[Any, ...]] = [
     ("GET /prebuilds/ (htmx)",                                L, 403, 403, 200,   L,   L),
     ("GET /prebuilds/presets/{preset}/",                      L, 403, 403, 200,   L,   L),
     ("GET /prebuilds/presets/{unknown}/",                     L, 403, 403, 404,   L,   L),
+    ("GET /prebuilds/presets/{preset}/backtest",              L, 403, 403, 200,   L,   L),
+    ("GET /prebuilds/presets/{unknown}/backtest",             L, 403, 403, 404,   L,   L),
     ("GET /prebuilds/presets/{preset}/confirm/invalidate",    L, 403, 403, 200,   L,   L),
     ("GET /prebuilds/presets/{preset}/confirm/nope",          L, 403, 403, 404,   L,   L),
     ("GET /prebuilds/workspaces/",                            L, 403, 403, 200,   L,   L),
