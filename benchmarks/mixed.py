@@ -67,6 +67,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from benchmarks import scratch_reset
 from benchmarks.claim import DEMO_TEMPLATE, user_with_token
 from benchmarks.processes import Session, percentile, session
 
@@ -505,22 +506,10 @@ def measure(
     }
 
 
-def scratch_reset() -> None:
-    """Empty every table and put the system rows back: the scratch database as migrated.
-
-    The modules after this one seed pools of their own; the periodic passes of a later
-    measurement would otherwise refill (or, were it removed, delete) this module's pool.
-    """
-    from django.core.management import call_command
-
-    from accounts.services import system_rows_ensure
-
-    call_command("flush", interactive=False, verbosity=0)
-    system_rows_ensure()
-
-
 def run(*, quick: bool) -> dict[str, Any]:
     try:
         return measure(pool=QUICK_POOL if quick else POOL)
     finally:
+        # The modules after this one seed pools of their own; the periodic passes of a later
+        # measurement would otherwise refill (or, were it removed, delete) this module's pool.
         scratch_reset()

@@ -7,7 +7,8 @@ worker and beat subprocesses, and the agent processes the workers start. Measure
 need workers start the layout ``make run`` starts (``Session.start_layout``: the commands of
 ``config.launcher.process_specs``, workers by role), so they measure what users run. Leaving
 the session stops all of them — agents first (found by their pid files under the session's
-``DATA_DIR``), then the workers, the web process, beat, the broker — and removes the directory.
+``DATA_DIR``), then the workers, the agents their last builds started, the web process, beat,
+the broker — and removes the directory.
 
 Subprocesses talk to the harness's scratch database (``DATABASE_URL`` built from the live
 Django connection settings) and to the session's broker. The in-process Celery app is pointed
@@ -304,8 +305,15 @@ class Session:
         self.stop_agents()
         # Workers before the rest: a worker finishing a build may still talk to the web
         # process (and beat, stopped next, only queues work for them).
-        for process in sorted(self.processes, key=lambda p: not p.is_worker):
+        workers = [p for p in self.processes if p.is_worker]
+        for process in workers:
             _stop(process.popen)
+        # Again once no worker runs: a build that was running (a refill's replacement on the
+        # prebuild worker) may have started agents after the first sweep.
+        self.stop_agents()
+        for process in self.processes:
+            if process not in workers:
+                _stop(process.popen)
         self.processes.clear()
 
 

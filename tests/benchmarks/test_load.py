@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from benchmarks import load
+from benchmarks.claim import command_preset
 from benchmarks.processes import free_port
 from tests.benchmarks.test_benchmark_smoke import _bench_processes
 
@@ -116,3 +117,15 @@ def test_a_claim_answered_with_a_cold_build_is_an_error_of_the_claim_step():
     assert results["load_claim_2_errors"] == missed
     assert results["load_claim_2_statuses"] == {"201-missed": missed, "201": 2}
     assert results["load_claim_2_5xx"] == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_dashboard_shows_the_load_modules_pools_alone_whatever_ran_before():
+    # What an earlier module leaves behind (the reconcile measurement's 1,000 presets) must not
+    # end up in the dashboard's figures.
+    command_preset("left-behind", 3)
+
+    results = load.measure(seconds=0.3, concurrency=(2,), pool=20, other_presets=2)
+
+    assert results["load_dashboard_pools"] == 3
+    assert results["load_dashboard_2_errors"] == 0
