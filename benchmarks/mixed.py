@@ -48,7 +48,8 @@ Keys:
   (claim commit → the next pass holding the lock: the event-driven refill's own delay),
   ``mixed_claim_build_wait_p50_ms`` / ``_p99_ms`` and ``mixed_cold_build_wait_p50_ms`` (job
   queued → picked up by a worker, for the hits' claim builds and the misses' cold builds,
-  which share the people's worker).
+  which share the people's worker); ``mixed_claim_reinit_p99_ms`` (claim build completed →
+  agents ready for the owner: the agents' part of claim → ready).
 - ``mixed_metrics_staleness_max_s``: over every scrape of ``/metrics`` after the first pass,
   the scrape's time minus ``prebuilds_reconciliation_last_pass_timestamp_seconds`` (the pass
   the pool gauges come from).
@@ -329,6 +330,26 @@ def _build_waits(claims: list[Claim]) -> tuple[list[float], list[float]]:
     return [float(w) for is_claim, w in rows if is_claim], [float(w) for c, w in rows if not c]
 
 
+CLAIM_BUILDS_DONE_SQL = """
+SELECT b.workspace_id, EXTRACT(EPOCH FROM j.completed_at)
+  FROM workspaces_workspacebuild b
+  JOIN workspaces_provisionerjob j ON j.id = b.job_id
+ WHERE b.is_claim AND b.workspace_id = ANY(%s::uuid[]) AND j.completed_at IS NOT NULL
+"""
+
+
+def _reinit_times(hits: list[Claim]) -> list[float]:
+    """Claim build completed → the agents ready for the owner (ms): the agents' part (the
+    reinit's delivery, the startup script run again, the ready report)."""
+    from django.db import connection
+
+    ready = {c.workspace_id: c.ready_at for c in hits if c.ready_at is not None}
+    with connection.cursor() as cursor:
+        cursor.execute(CLAIM_BUILDS_DONE_SQL, [list(ready)])
+        done = {str(workspace_id): float(at) for workspace_id, at in cursor.fetchall()}
+    return [(ready[w] - done[w]) * 1000 for w in ready if w in done]
+
+
 def _claims_at_cap(preset, hits: list[Claim]) -> int:
     """How many claims committed while their preset already had
     ``PREBUILDS_MAX_IN_FLIGHT_PER_PRESET`` prebuild builds in flight: their replacement could
@@ -456,6 +477,7 @@ def measure(
     next_pass = _claim_to_next_pass(hits)
     claim_waits, cold_waits = _build_waits(claims)
     at_cap = _claims_at_cap(preset, hits)
+    reinits = _reinit_times(hits)
     # The claim API's latency over the answers that were claims (a miss is a cold build).
     answered = [c.latency_ms for c in hits]
     staleness = scraper.staleness_max(run_start.timestamp())
@@ -492,6 +514,7 @@ def measure(
         "mixed_claim_build_wait_p99_ms": (
             rounded(percentile(claim_waits, 99)) if claim_waits else None
         ),
+        "mixed_claim_reinit_p99_ms": rounded(percentile(reinits, 99)) if reinits else None,
         "mixed_cold_build_wait_p50_ms": (
             rounded(statistics.median(cold_waits)) if cold_waits else None
         ),
