@@ -135,6 +135,21 @@ def scratch_database() -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{SCRATCH_DATABASE}" WITH (FORCE)')
 
 
+def scratch_reset() -> None:
+    """Empty every table and put the system rows back: the scratch database as migrated.
+
+    For a module whose figures depend on what the database holds (the dashboard computes
+    every pool there is) or whose leftovers would disturb the next module (a pool that beat's
+    passes would keep refilling).
+    """
+    from django.core.management import call_command
+
+    from accounts.services import system_rows_ensure
+
+    call_command("flush", interactive=False, verbosity=0)
+    system_rows_ensure()
+
+
 def machine_info() -> dict[str, Any]:
     model = platform.processor() or platform.machine()
     try:

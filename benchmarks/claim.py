@@ -4,8 +4,9 @@ Two measurements, each in a ``benchmarks.processes.Session`` of its own (tempora
 ``DATA_DIR``, broker of its own, real subprocesses on the scratch database):
 
 **Ready** (``claim_ready_p50_ms``, ``cold_ready_p50_ms``, ``ready_speedup``) — end to end with
-real parts: one uvicorn web process, one Celery worker (thread pool, 4 threads, ``default`` and
-this host's queue), the local provisioner starting real agent processes, and the demo template
+real parts: the processes ``make run`` starts (``Session.start_layout``: the uvicorn web process,
+the Celery workers by role — people's builds, prebuild builds, control plane — and beat), the
+local provisioner starting real agent processes, and the demo template
 (``examples/templates/demo.toml``: a 6 s first-time step cached on disk, then a fast per-owner
 step), pushed with ``template_push`` under another name with its pool sized to the number of
 claim samples. The reconciler (called in-process) fills the pool; once every prebuild is ready:
@@ -21,6 +22,10 @@ claim samples. The reconciler (called in-process) fills the pool; once every pre
   reports ``ready``. A poll only counts when the agent's ``lifecycle_changed_at`` is also later
   than the claim (checked in the database), so a stale ``ready`` from before the claim can
   never end the timer early, whatever the server does between manifest fetch and ``starting``.
+
+Each claim triggers a refill (``prebuilds.refill``), so its replacement builds while the next
+claims are measured, on the prebuild worker as in production; with one worker on every queue the
+claim builds would wait behind the replacements (README "Benchmarks").
 
 ``ready_speedup`` is cold ÷ claim (medians). ``claim_ready_recorded_p50_ms`` (extra) is the
 product's own claim-to-ready figure (``PrebuildClaim.ready_at - requested_at``).
@@ -419,8 +424,7 @@ def measure_ready(*, claims: int, colds: int) -> dict[str, Any]:
     cold_ms: list[float] = []
     claim_ms: list[float] = []
     with session("ready") as current:
-        current.start_web()
-        current.start_worker(concurrency=4)
+        current.start_layout()
         fill_seconds = fill_pool(pooled, claims)
         base = current.web_url
         with httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:

@@ -31,7 +31,9 @@ Keys:
   can only make the figures look better than the truth, never hide it
   (``mixed_claim_ready_timeouts`` says how many).
 - ``mixed_claims`` (requests sent), ``mixed_missed`` (answered with a cold build: no prebuild
-  was eligible), ``mixed_errors`` (answers other than 201, transport errors included).
+  was eligible; not a claim, so in none of the claim figures), ``mixed_errors`` (answers other
+  than 201, transport errors included); ``mixed_claim_api_p50_ms`` / ``_p99_ms``: request sent
+  → answer, over the claims that got a prebuild.
 - ``mixed_reconcile_gap_max_s``: the longest gap between two passes that held the lock, over
   the run: from the last pass before it to the run's end, so a reconciler that stops running
   shows up even when no pass comes at all.
@@ -40,6 +42,14 @@ Keys:
   created after the first claim, matched to claims in order (the k-th claim's is the first
   unmatched one created after it); claims without a started replacement by the end are
   counted in ``mixed_refill_pending``.
+- what limits the refill and the claims' tail: ``mixed_refill_at_cap`` (claims committed
+  while the preset already had ``PREBUILDS_MAX_IN_FLIGHT_PER_PRESET`` prebuild builds in
+  flight: their replacement waits for one of those to finish), ``mixed_refill_pass_p50_ms``
+  (claim commit → the next pass holding the lock: the event-driven refill's own delay),
+  ``mixed_claim_build_wait_p50_ms`` / ``_p99_ms`` and ``mixed_cold_build_wait_p50_ms`` (job
+  queued → picked up by a worker, for the hits' claim builds and the misses' cold builds,
+  which share the people's worker); ``mixed_claim_reinit_p99_ms`` (claim build completed →
+  agents ready for the owner: the agents' part of claim → ready).
 - ``mixed_metrics_staleness_max_s``: over every scrape of ``/metrics`` after the first pass,
   the scrape's time minus ``prebuilds_reconciliation_last_pass_timestamp_seconds`` (the pass
   the pool gauges come from).
@@ -58,8 +68,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from benchmarks import scratch_reset
 from benchmarks.claim import DEMO_TEMPLATE, user_with_token
-from benchmarks.processes import Session, free_port, percentile, session
+from benchmarks.processes import Session, percentile, session
 
 POOL = 200
 QUICK_POOL = 60
@@ -115,38 +126,14 @@ def push_mixed_template(*, pool: int):
     return version.presets.get()
 
 
-def process_layout(env: dict[str, str]) -> list[tuple[str, list[str]]]:
-    """The processes ``make run`` starts, as ``(name, command)``: the benchmark runs the layout
-    users run (web, worker(s), beat), whatever it becomes."""
-    from config import launcher
-
-    # The supervised launcher (issue 13) names its list `process_specs`; before it, `_children`.
-    specs = getattr(launcher, "process_specs", None)
-    if specs is not None:
-        return [(spec.name, list(spec.command)) for spec in specs(env)]
-    return launcher._children(env)
-
-
-def start_system(
-    current: Session, *, port: int, metrics_token: str, interval: float | None = None
-) -> str:
-    """Start the whole layout in the session; wait until the web answers and workers are
-    ready. Answers the web URL."""
-    url = f"http://127.0.0.1:{port}"
-    extra = {"PORT": str(port), "ACCESS_URL": url, "METRICS_TOKEN": metrics_token}
+def start_system(current: Session, *, metrics_token: str, interval: float | None = None) -> str:
+    """Start the whole layout ``make run`` starts in the session (web, the workers by role,
+    beat); wait until the web answers and the workers are ready. Answers the web URL."""
+    extra = {"METRICS_TOKEN": metrics_token}
     if interval is not None:
         extra["PREBUILDS_RECONCILIATION_INTERVAL"] = str(interval)
-    layout = process_layout(current.env(**extra))
-    if not any(name == "web" for name, _ in layout):
-        raise RuntimeError("the launcher's layout has no web process")
-    for name, command in layout:
-        process = current.start(name, command, **extra)
-        if name == "web":
-            current.wait_answers(process, url + "/login/")
-            current.web_url = url
-        elif "worker" in name:
-            current.wait_logged(process, " ready.")
-    return url
+    current.start_layout(**extra)
+    return current.web_url
 
 
 # --- Observation -----------------------------------------------------------------------------
@@ -311,6 +298,100 @@ def _refill_starts(preset, hits: list[Claim]) -> tuple[list[float], int]:
     return starts, pending
 
 
+BUILD_WAITS_SQL = """
+SELECT b.is_claim, EXTRACT(EPOCH FROM (j.started_at - j.created_at)) * 1000
+  FROM workspaces_workspacebuild b
+  JOIN workspaces_provisionerjob j ON j.id = b.job_id
+ WHERE b.reason <> 'prebuild' AND b.workspace_id = ANY(%s::uuid[]) AND j.started_at IS NOT NULL
+"""
+
+# Per claim: the preset's prebuild builds in flight (queued, not finished) when it committed.
+IN_FLIGHT_AT_CLAIMS_SQL = """
+SELECT w.id, (SELECT count(*)
+                FROM workspaces_workspacebuild b
+                JOIN workspaces_provisionerjob j ON j.id = b.job_id
+               WHERE b.preset_id = %s AND b.reason = 'prebuild' AND b.build_number = 1
+                 AND j.created_at <= w.claimed_at
+                 AND (j.completed_at IS NULL OR j.completed_at > w.claimed_at))
+  FROM workspaces_workspace w
+ WHERE w.id = ANY(%s::uuid[]) AND w.claimed_at IS NOT NULL
+"""
+
+
+def _build_waits(claims: list[Claim]) -> tuple[list[float], list[float]]:
+    """Queued → picked up by a worker (ms) of the people's builds the claims caused: (claim
+    builds of the hits, first builds of the misses' cold workspaces)."""
+    from django.db import connection
+
+    ids = [c.workspace_id for c in claims if c.workspace_id]
+    with connection.cursor() as cursor:
+        cursor.execute(BUILD_WAITS_SQL, [ids])
+        rows = cursor.fetchall()
+    return [float(w) for is_claim, w in rows if is_claim], [float(w) for c, w in rows if not c]
+
+
+CLAIM_BUILDS_DONE_SQL = """
+SELECT b.workspace_id, EXTRACT(EPOCH FROM j.completed_at)
+  FROM workspaces_workspacebuild b
+  JOIN workspaces_provisionerjob j ON j.id = b.job_id
+ WHERE b.is_claim AND b.workspace_id = ANY(%s::uuid[]) AND j.completed_at IS NOT NULL
+"""
+
+
+def _reinit_times(hits: list[Claim]) -> list[float]:
+    """Claim build completed → the agents ready for the owner (ms): the agents' part (the
+    reinit's delivery, the startup script run again, the ready report)."""
+    from django.db import connection
+
+    ready = {c.workspace_id: c.ready_at for c in hits if c.ready_at is not None}
+    with connection.cursor() as cursor:
+        cursor.execute(CLAIM_BUILDS_DONE_SQL, [list(ready)])
+        done = {str(workspace_id): float(at) for workspace_id, at in cursor.fetchall()}
+    return [(ready[w] - done[w]) * 1000 for w in ready if w in done]
+
+
+def _claims_at_cap(preset, hits: list[Claim]) -> int:
+    """How many claims committed while their preset already had
+    ``PREBUILDS_MAX_IN_FLIGHT_PER_PRESET`` prebuild builds in flight: their replacement could
+    not start before one of those finished, however soon a pass ran."""
+    from django.conf import settings
+    from django.db import connection
+
+    cap = settings.PREBUILDS_MAX_IN_FLIGHT_PER_PRESET
+    if cap <= 0:
+        return 0
+    with connection.cursor() as cursor:
+        cursor.execute(IN_FLIGHT_AT_CLAIMS_SQL, [preset.id, [c.workspace_id for c in hits]])
+        return sum(1 for _, in_flight in cursor.fetchall() if in_flight >= cap)
+
+
+def _claim_to_next_pass(hits: list[Claim]) -> list[float]:
+    """Claim commit → the start of the first pass holding the lock after it (ms): how soon the
+    event-driven refill ran a pass, whatever that pass could create."""
+    from prebuilds.models import ReconciliationPass
+    from workspaces.models import Workspace
+
+    committed = sorted(
+        Workspace.objects.filter(id__in=[c.workspace_id for c in hits]).values_list(
+            "claimed_at", flat=True
+        )
+    )
+    if not committed:
+        return []
+    starts = list(
+        ReconciliationPass.objects.filter(lock_acquired=True, started_at__gt=committed[0])
+        .order_by("started_at")
+        .values_list("started_at", flat=True)
+    )
+    found, index = [], 0
+    for claimed_at in committed:
+        while index < len(starts) and starts[index] <= claimed_at:
+            index += 1
+        if index < len(starts):
+            found.append((starts[index] - claimed_at).total_seconds() * 1000)
+    return found
+
+
 def measure(
     *,
     pool: int,
@@ -338,9 +419,7 @@ def measure(
     began = time.monotonic()
 
     with session("mixed") as current:
-        url = start_system(
-            current, port=free_port(), metrics_token=metrics_token, interval=interval
-        )
+        url = start_system(current, metrics_token=metrics_token, interval=interval)
         scraper = Scraper(url, metrics_token)
         run_start = timezone.now()
         scraper.start()
@@ -395,7 +474,12 @@ def measure(
     ready_ms = [((c.ready_at or end) - c.sent_at) * 1000 for c in hits]
     gap_max, passes = _reconcile_gap_max(run_start, run_end)
     refills, refill_pending = _refill_starts(preset, hits)
-    answered = [c.latency_ms for c in claims if c.status == 201]
+    next_pass = _claim_to_next_pass(hits)
+    claim_waits, cold_waits = _build_waits(claims)
+    at_cap = _claims_at_cap(preset, hits)
+    reinits = _reinit_times(hits)
+    # The claim API's latency over the answers that were claims (a miss is a cold build).
+    answered = [c.latency_ms for c in hits]
     staleness = scraper.staleness_max(run_start.timestamp())
 
     def rounded(value: float | None, digits: int = 1) -> float | None:
@@ -419,6 +503,21 @@ def measure(
         "mixed_refill_start_p50_ms": rounded(statistics.median(refills)) if refills else None,
         "mixed_refill_start_samples": len(refills),
         "mixed_refill_pending": refill_pending,
+        # What limits the two figures above (README "Benchmarks"): claims made while the
+        # preset's in-flight cap was reached; how soon a pass followed a claim; how long the
+        # claims' builds and the misses' cold builds waited for a people's-worker thread.
+        "mixed_refill_at_cap": at_cap,
+        "mixed_refill_pass_p50_ms": rounded(statistics.median(next_pass)) if next_pass else None,
+        "mixed_claim_build_wait_p50_ms": (
+            rounded(statistics.median(claim_waits)) if claim_waits else None
+        ),
+        "mixed_claim_build_wait_p99_ms": (
+            rounded(percentile(claim_waits, 99)) if claim_waits else None
+        ),
+        "mixed_claim_reinit_p99_ms": rounded(percentile(reinits, 99)) if reinits else None,
+        "mixed_cold_build_wait_p50_ms": (
+            rounded(statistics.median(cold_waits)) if cold_waits else None
+        ),
         "mixed_metrics_staleness_max_s": rounded(staleness),
         "mixed_metrics_scrapes": len(scraper.samples),
         "mixed_metrics_scrape_errors": scraper.errors,
@@ -430,22 +529,10 @@ def measure(
     }
 
 
-def scratch_reset() -> None:
-    """Empty every table and put the system rows back: the scratch database as migrated.
-
-    The modules after this one seed pools of their own; the periodic passes of a later
-    measurement would otherwise refill (or, were it removed, delete) this module's pool.
-    """
-    from django.core.management import call_command
-
-    from accounts.services import system_rows_ensure
-
-    call_command("flush", interactive=False, verbosity=0)
-    system_rows_ensure()
-
-
 def run(*, quick: bool) -> dict[str, Any]:
     try:
         return measure(pool=QUICK_POOL if quick else POOL)
     finally:
+        # The modules after this one seed pools of their own; the periodic passes of a later
+        # measurement would otherwise refill (or, were it removed, delete) this module's pool.
         scratch_reset()

@@ -1,11 +1,14 @@
-"""Real processes for the benchmarks: uvicorn, a Celery worker, a broker of their own.
+"""Real processes for the benchmarks: uvicorn, Celery workers and beat, a broker of their own.
 
 A ``Session`` owns everything one measurement starts: a temporary ``DATA_DIR`` (the local
 provisioner's workspaces live under it), a dedicated embedded Redis (so a ``make run`` or a
-test run on the same machine never consumes our jobs, and we never consume theirs), the web
-and worker subprocesses, and the agent processes the worker starts. Leaving the session stops
-all of them — agents first (found by their pid files under the session's ``DATA_DIR``), then
-the worker, the web process, the broker — and removes the directory.
+test run on the same machine never consumes our jobs, and we never consume theirs), the web,
+worker and beat subprocesses, and the agent processes the workers start. Measurements that
+need workers start the layout ``make run`` starts (``Session.start_layout``: the commands of
+``config.launcher.process_specs``, workers by role), so they measure what users run. Leaving
+the session stops all of them — agents first (found by their pid files under the session's
+``DATA_DIR``), then the workers, the agents their last builds started, the web process, beat,
+the broker — and removes the directory.
 
 Subprocesses talk to the harness's scratch database (``DATABASE_URL`` built from the live
 Django connection settings) and to the session's broker. The in-process Celery app is pointed
@@ -134,6 +137,11 @@ class Process:
     def pid(self) -> int:
         return self.popen.pid
 
+    @property
+    def is_worker(self) -> bool:
+        """A Celery worker (``celery … worker …``), whatever its role's name."""
+        return "worker" in self.popen.args
+
     def log_tail(self, limit: int = 3000) -> str:
         return _tail(self.log, limit)
 
@@ -239,38 +247,35 @@ class Session:
         self.web_url = url
         return process
 
-    def start_worker(self, *, concurrency: int = 4) -> Process:
-        """A Celery worker (thread pool) on ``default`` and this host's queue; wait until ready."""
-        from workspaces.routing import worker_queues
-
-        command = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "config",
-            "worker",
-            "--pool",
-            "threads",
-            "--concurrency",
-            str(concurrency),
-            "--queues",
-            ",".join(worker_queues()),
-            "--hostname",
-            f"bench-{os.getpid()}@%h",
-            "--loglevel",
-            "INFO",
-            "--without-mingle",
-            "--without-gossip",
-            "--without-heartbeat",
-        ]
-        process = self._spawn("worker", command, self.env())
-        deadline = time.monotonic() + START_TIMEOUT
-        while " ready." not in process.log_tail(20000):
-            if process.popen.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the Celery worker did not start:\n{process.log_tail()}")
-            time.sleep(0.1)
-        return process
+    def start_layout(
+        self, *, port: int | None = None, only: Iterable[str] | None = None, **extra_env: str
+    ) -> dict[str, Process]:
+        """The processes ``make run`` starts (``config.launcher.process_specs``: web, the
+        workers by role, beat), or those of them named in ``only``, with the session's
+        environment; wait until the web answers and every worker is ready. Answers them by
+        name. The web listens on ``port`` (a free one by default); ``extra_env`` overrides
+        settings in every process (``PREBUILDS_RECONCILIATION_INTERVAL``, ...)."""
+        port = port or free_port()
+        url = f"http://127.0.0.1:{port}"
+        extra = {"PORT": str(port), "ACCESS_URL": url, **extra_env}
+        layout = process_layout(self.env(**extra))
+        wanted = set(only) if only is not None else {name for name, _ in layout}
+        missing = wanted - {name for name, _ in layout}
+        if missing:
+            raise RuntimeError(f"the launcher's layout has no {', '.join(sorted(missing))}")
+        started = {}
+        for name, command in layout:
+            if name not in wanted:
+                continue
+            process = self.start(name, command, **extra)
+            if name == "web":
+                self.wait_answers(process, url + "/login/")
+                self.web_url = url
+            started[name] = process
+        for process in started.values():
+            if process.is_worker:
+                self.wait_logged(process, " ready.")
+        return started
 
     def stop_agents(self) -> int:
         """Stop every agent process of a workspace under this session's ``DATA_DIR``.
@@ -300,9 +305,24 @@ class Session:
         self.stop_agents()
         # Workers before the rest: a worker finishing a build may still talk to the web
         # process (and beat, stopped next, only queues work for them).
-        for process in sorted(self.processes, key=lambda p: "worker" not in p.name):
+        workers = [p for p in self.processes if p.is_worker]
+        for process in workers:
             _stop(process.popen)
+        # Again once no worker runs: a build that was running (a refill's replacement on the
+        # prebuild worker) may have started agents after the first sweep.
+        self.stop_agents()
+        for process in self.processes:
+            if process not in workers:
+                _stop(process.popen)
         self.processes.clear()
+
+
+def process_layout(env: dict[str, str]) -> list[tuple[str, list[str]]]:
+    """The processes ``make run`` starts, as ``(name, command)``: the benchmarks run the layout
+    users run (web, workers by role, beat), whatever it becomes."""
+    from config.launcher import process_specs
+
+    return [(spec.name, list(spec.command)) for spec in process_specs(env)]
 
 
 def _alive(pid: int) -> bool:

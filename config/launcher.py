@@ -3,8 +3,9 @@
 Starts (or reuses) the embedded PostgreSQL and Redis unless ``DATABASE_URL`` /
 ``CELERY_BROKER_URL`` are set, migrates, loads the demo template, makes sure an admin account
 exists (printing its password once, when it is created), then runs the processes of
-``process_specs`` (the ASGI web server, Celery workers by role: people's builds, prebuild
-builds and the control plane, and Celery beat) as child processes.
+``process_specs`` (the ASGI web server, Celery workers by role: people's builds, with threads
+kept for claim builds, prebuild builds and the control plane, and Celery beat) as child
+processes.
 
 Supervision (one log line per event):
 
@@ -132,7 +133,7 @@ def process_specs(env: dict[str, str]) -> list[ProcessSpec]:
     """What ``make run`` runs and keeps running; add a process here and it is supervised."""
     from django.conf import settings
 
-    from workspaces.routing import worker_queues
+    from workspaces.routing import host_queue, worker_queues
 
     python = sys.executable
     port = env["PORT"]
@@ -162,6 +163,15 @@ def process_specs(env: dict[str, str]) -> list[ProcessSpec]:
         ProcessSpec(
             "worker",
             _worker_command(python, "worker", worker_queues("builds"), concurrency=4),
+        ),
+        ProcessSpec(
+            "claim-worker",
+            # This host's people's queue alone, where the claim builds of its prebuilds go (a
+            # ~50 ms handover; and the later builds of its local workspaces). When the pool runs
+            # dry, misses become cold builds that hold every thread of `worker` for as long as
+            # a first build takes; a claim build then waited for one (seconds in the mixed
+            # benchmark, minutes with a real template). These threads no cold build can take.
+            _worker_command(python, "claim-worker", [host_queue()], concurrency=2),
         ),
         ProcessSpec(
             "prebuild-worker",

@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from benchmarks import load
+from benchmarks.claim import command_preset
 from benchmarks.processes import free_port
 from tests.benchmarks.test_benchmark_smoke import _bench_processes
 
@@ -103,3 +104,28 @@ def test_the_dashboard_steps_use_a_session_the_web_process_accepts():
     # Nothing changed meanwhile: every poll was answered "no change" from the shared overview.
     assert set(results["load_dashboard_2_statuses"]) == {"204"}
     assert not _bench_processes()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_claim_answered_with_a_cold_build_is_an_error_of_the_claim_step():
+    # A pool of 2 for two clients claiming back to back: the pool runs dry at once, and every
+    # later 201 is a cold build, which must not pass for a claim.
+    results = load.measure(seconds=0.5, concurrency=(2,), pool=2, other_presets=0)
+
+    missed = results["load_claim_2_missed"]
+    assert missed == results["load_claim_2_requests"] - 2 > 0
+    assert results["load_claim_2_errors"] == missed
+    assert results["load_claim_2_statuses"] == {"201-missed": missed, "201": 2}
+    assert results["load_claim_2_5xx"] == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_dashboard_shows_the_load_modules_pools_alone_whatever_ran_before():
+    # What an earlier module leaves behind (the reconcile measurement's 1,000 presets) must not
+    # end up in the dashboard's figures.
+    command_preset("left-behind", 3)
+
+    results = load.measure(seconds=0.3, concurrency=(2,), pool=20, other_presets=2)
+
+    assert results["load_dashboard_pools"] == 3
+    assert results["load_dashboard_2_errors"] == 0

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from config.launcher import RESTART_DELAYS, STABLE_AFTER, Child, ProcessSpec, process_specs
 from tests.operations.cluster import pid_alive, wait_until
+from workspaces import routing
 
 
 def _crashing(tmp_path: Path) -> Child:
@@ -79,15 +80,36 @@ def test_stopping_a_child_kills_what_it_left_in_its_group(tmp_path):
 
 
 def test_the_process_table_is_web_workers_by_role_and_beat():
-    from workspaces.routing import worker_queues
-
     env = {"PORT": "8123", "DATA_DIR": "/tmp/warmstart-data"}
     specs = process_specs(env)
 
-    assert [spec.name for spec in specs] == ["web", "worker", "prebuild-worker", "control", "beat"]
+    assert [spec.name for spec in specs] == [
+        "web",
+        "worker",
+        "claim-worker",
+        "prebuild-worker",
+        "control",
+        "beat",
+    ]
     assert all(spec.command[0] == sys.executable for spec in specs)
     assert "8123" in specs[0].command
-    # Each worker serves exactly the queues of its role (a claim never waits behind a fill).
-    for spec, role in zip(specs[1:4], ("builds", "prebuilds", "control"), strict=True):
-        queues = spec.command[spec.command.index("--queues") + 1]
-        assert queues.split(",") == worker_queues(role)
+    # The role workers serve exactly their role's queues (a claim never waits behind a fill).
+    by_name = {spec.name: spec for spec in specs}
+    for name, role in (("prebuild-worker", "prebuilds"), ("control", "control")):
+        assert queues_of(by_name[name]) == routing.worker_queues(role)
+
+
+def queues_of(spec) -> list[str]:
+    return spec.command[spec.command.index("--queues") + 1].split(",")
+
+
+def test_a_worker_no_cold_build_can_occupy_serves_this_hosts_claim_builds():
+    """A claim build of a local prebuild goes to this host's people's queue; the people's
+    worker also takes cold builds (the misses of a dry pool), so a second worker consumes that
+    queue alone and always has a thread for the claim."""
+    specs = {spec.name: spec for spec in process_specs({"PORT": "8123", "DATA_DIR": "/tmp/d"})}
+    claim_build = routing.build_queue(host_queue=routing.host_queue(), prebuild=False)
+
+    assert queues_of(specs["claim-worker"]) == [claim_build]
+    assert routing.DEFAULT_QUEUE in queues_of(specs["worker"])  # where cold builds go
+    assert routing.DEFAULT_QUEUE not in queues_of(specs["claim-worker"])
