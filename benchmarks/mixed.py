@@ -126,10 +126,22 @@ def push_mixed_template(*, pool: int):
     return version.presets.get()
 
 
+def one_pool_cap() -> int:
+    """The per-preset in-flight cap of the mixed run: the global one (a single pool)."""
+    from django.conf import settings
+
+    return settings.PREBUILDS_MAX_IN_FLIGHT
+
+
 def start_system(current: Session, *, metrics_token: str, interval: float | None = None) -> str:
     """Start the whole layout ``make run`` starts in the session (web, the workers by role,
     beat); wait until the web answers and the workers are ready. Answers the web URL."""
-    extra = {"METRICS_TOKEN": metrics_token}
+    extra = {
+        "METRICS_TOKEN": metrics_token,
+        # One pool here: its per-preset cap is the deployment's (the default per-preset cap is
+        # half of it to leave room for other pools' refills, and there are none).
+        "PREBUILDS_MAX_IN_FLIGHT_PER_PRESET": str(one_pool_cap()),
+    }
     if interval is not None:
         extra["PREBUILDS_RECONCILIATION_INTERVAL"] = str(interval)
     current.start_layout(**extra)
@@ -354,10 +366,9 @@ def _claims_at_cap(preset, hits: list[Claim]) -> int:
     """How many claims committed while their preset already had
     ``PREBUILDS_MAX_IN_FLIGHT_PER_PRESET`` prebuild builds in flight: their replacement could
     not start before one of those finished, however soon a pass ran."""
-    from django.conf import settings
     from django.db import connection
 
-    cap = settings.PREBUILDS_MAX_IN_FLIGHT_PER_PRESET
+    cap = one_pool_cap()
     if cap <= 0:
         return 0
     with connection.cursor() as cursor:
