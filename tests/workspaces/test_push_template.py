@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import threading
 import uuid
 from datetime import timedelta
@@ -14,9 +15,20 @@ from django.core.management.base import CommandError
 from django.db import connection
 
 from accounts.services import organization_default
+from prebuilds.push_plan import fill_waves
 from tests.accounts.factories import OrganizationFactory, UserFactory
-from tests.workspaces.factories import TemplateFactory
-from workspaces.models import PresetSchedule, Template, TemplateVersion, TemplateVersionPreset
+from tests.workspaces.factories import TemplateFactory, prebuild
+from workspaces.models import (
+    JobStatus,
+    PresetSchedule,
+    ProvisionerJob,
+    Template,
+    TemplateVersion,
+    TemplateVersionPreset,
+    Workspace,
+    WorkspaceAgent,
+    WorkspaceBuild,
+)
 from workspaces.template_files import parse_template
 from workspaces.template_services import template_push
 
@@ -449,3 +461,210 @@ def test_it_refuses_a_max_instances_above_the_per_preset_maximum(tmp_path, setti
     message = refused(str(write(tmp_path, text)))
     assert "presets[0].prebuilds.max_instances: 11 is above the maximum of 10" in message
     assert row_counts() == (0, 0, 0, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# --plan: what activating the file would do, computed without changing anything
+
+PLANNED = """
+name = "planned"
+provisioner = "local"
+
+[[agents]]
+name = "main"
+startup_script = "true"
+
+[[presets]]
+name = "standard"
+  [presets.prebuilds]
+  instances = 2
+
+[[presets]]
+name = "big"
+  [presets.prebuilds]
+  instances = 3
+
+[[presets]]
+name = "cold"
+"""
+
+
+def every_row_count() -> dict[str, int]:
+    """Every table a push or a reconciler pass writes, and the presets' stored status."""
+    return {
+        "templates": Template.objects.count(),
+        "versions": TemplateVersion.objects.count(),
+        "presets": TemplateVersionPreset.objects.count(),
+        "schedules": PresetSchedule.objects.count(),
+        "workspaces": Workspace.objects.count(),
+        "builds": WorkspaceBuild.objects.count(),
+        "jobs": ProvisionerJob.objects.count(),
+        "agents": WorkspaceAgent.objects.count(),
+        "active": list(Template.objects.values_list("name", "active_version__name")),
+    }
+
+
+def planned(django_capture_on_commit_callbacks, *args: str) -> str:
+    """Run ``push_template --plan``; assert it wrote nothing and queued nothing; its stdout."""
+    before = every_row_count()
+    with django_capture_on_commit_callbacks() as callbacks:
+        stdout, stderr = push(*args, "--plan")
+    # Every build and refill is sent to the broker from an on_commit hook: none means none sent.
+    assert callbacks == []
+    assert every_row_count() == before
+    assert stderr == ""
+    return stdout
+
+
+def with_build_seconds(workspace: Workspace, seconds: float) -> None:
+    """Make the prebuild's start build have taken ``seconds``."""
+    job = ProvisionerJob.objects.get(build__workspace=workspace)
+    job.started_at = job.completed_at - timedelta(seconds=seconds)
+    job.save(update_fields=["started_at"])
+
+
+def test_plan_of_a_new_version_deletes_the_old_pools_and_fills_the_new(
+    tmp_path, settings, django_capture_on_commit_callbacks
+):
+    settings.PREBUILDS_MAX_IN_FLIGHT_PER_PRESET = 2
+    settings.PREBUILDS_MAX_IN_FLIGHT = 10
+    push(str(write(tmp_path, PLANNED)))
+    v1 = TemplateVersion.objects.get()
+    standard = v1.presets.get(name="standard")
+    # Two running prebuilds of "standard" with recorded builds of 60 s and 300 s ...
+    with_build_seconds(prebuild(standard), 60)
+    with_build_seconds(prebuild(standard), 300)
+    # ... and one whose first build is still pending (canceled, not deleted).
+    prebuild(standard, status=JobStatus.PENDING)
+    bigger = PLANNED.replace("instances = 3", "instances = 5")
+
+    stdout = planned(django_capture_on_commit_callbacks, str(write(tmp_path, bigger)))
+
+    # p90 of (60, 300) is 300 s. "big" wants 5 with 2 builds in flight at once: waves of 2, 2, 1.
+    assert stdout == (
+        "template planned: v1 -> v2\n"
+        "prebuild build time: p90 5.0 min over 2 recent builds\n"
+        "  big: delete 0, create 5; cold builds for ~5.0 min, full after ~15.0 min\n"
+        "  standard: delete 2, cancel 1 pending, create 2; cold builds for ~5.0 min,"
+        " full after ~5.0 min\n"
+    )
+    # Nothing changed: a real push still makes v2 (not v3), and the plan said what it does.
+    real, _ = push(str(write(tmp_path, bigger)))
+    assert TemplateVersion.objects.get(id=real.strip()).name == "v2"
+
+
+def test_plan_json_lists_every_pool(tmp_path, settings, django_capture_on_commit_callbacks):
+    settings.PREBUILDS_MAX_IN_FLIGHT_PER_PRESET = 5
+    settings.PREBUILDS_MAX_IN_FLIGHT = 4  # the deployment's cap is the narrower one here
+    push(str(write(tmp_path, PLANNED)))
+    standard = TemplateVersion.objects.get().presets.get(name="standard")
+    with_build_seconds(prebuild(standard), 120)
+    # The new file drops "standard": its pool is only deleted.
+    without = PLANNED.replace('name = "standard"', 'name = "renamed"')
+
+    stdout = planned(django_capture_on_commit_callbacks, str(write(tmp_path, without)), "--json")
+
+    assert json.loads(stdout) == {
+        "template": "planned",
+        "new_template": False,
+        "current_version": "v1",
+        "new_version": "v2",
+        "activates": True,
+        "paused": False,
+        "build_p90_seconds": 120.0,
+        "build_samples": 1,
+        "pools": [
+            # 5 wanted under a cap of 4: "big" (3) and "renamed" (2) share two waves; both
+            # empty pools get their first build in wave 1.
+            {
+                "preset": "big",
+                "deleted": 0,
+                "canceled": 0,
+                "created": 3,
+                "cold_window_seconds": 120.0,
+                "full_seconds": 240.0,
+            },
+            {
+                "preset": "renamed",
+                "deleted": 0,
+                "canceled": 0,
+                "created": 2,
+                "cold_window_seconds": 120.0,
+                "full_seconds": 120.0,
+            },
+            {
+                "preset": "standard",
+                "deleted": 1,
+                "canceled": 0,
+                "created": 0,
+                "cold_window_seconds": None,
+                "full_seconds": None,
+            },
+        ],
+    }
+
+
+def test_plan_of_a_new_template_only_creates(tmp_path, django_capture_on_commit_callbacks):
+    stdout = planned(django_capture_on_commit_callbacks, str(write(tmp_path, PLANNED)))
+
+    assert stdout == (
+        "template planned: none (new template) -> v1\n"
+        "prebuild build time: unknown (no recorded builds)\n"
+        "  big: delete 0, create 3; cold builds: unknown (no recorded builds)\n"
+        "  standard: delete 0, create 2; cold builds: unknown (no recorded builds)\n"
+    )
+    assert Template.objects.count() == 0
+
+
+def test_plan_with_no_activate_changes_no_pool(tmp_path, django_capture_on_commit_callbacks):
+    push(str(write(tmp_path, PLANNED)))
+    prebuild(TemplateVersion.objects.get().presets.get(name="standard"))
+
+    stdout = planned(
+        django_capture_on_commit_callbacks, str(write(tmp_path, PLANNED)), "--no-activate"
+    )
+
+    assert stdout == (
+        "template planned: v1 -> v2 (not activated)\n"
+        "no pool changes: --no-activate keeps the active version\n"
+    )
+
+
+def test_plan_refuses_an_over_limit_file_like_the_push(tmp_path):
+    push(str(write(tmp_path)))
+    oversized = TEMPLATE.replace("instances = 3", "instances = 1000000000")
+    path = str(write(tmp_path, oversized))
+
+    assert refused(path, "--plan") == refused(path)
+    assert "presets[0].prebuilds.instances: 1000000000 is above the maximum of 100" in refused(
+        path, "--plan", "--json"
+    )
+
+
+def test_plan_refuses_an_invalid_file_like_the_push(tmp_path):
+    path = str(write(tmp_path, 'name = "x"\nprovisioner = "nope"\n'))
+
+    assert refused(path, "--plan") == refused(path)
+
+
+def test_json_without_plan_is_refused(tmp_path):
+    message = refused(str(write(tmp_path, PLANNED)), "--json")
+
+    assert "--json: only with --plan" in message
+
+
+@pytest.mark.parametrize(
+    ("wanted", "limit", "per_preset", "expected"),
+    [
+        ({"a": 5}, 0, 2, {"a": (1, 3)}),  # per-preset cap only
+        ({"a": 5}, 0, 0, {"a": (1, 1)}),  # no caps: everything at once
+        ({"a": 1, "b": 1, "c": 1}, 2, 0, {"a": (1, 1), "b": (1, 1), "c": (2, 2)}),
+        ({"a": 12, "b": 3}, 10, 5, {"a": (1, 3), "b": (1, 1)}),
+        ({"a": 0, "b": 2}, 10, 5, {"b": (1, 1)}),  # wanting nothing: no waves
+    ],
+)
+def test_fill_waves_follow_the_in_flight_caps(settings, wanted, limit, per_preset, expected):
+    settings.PREBUILDS_MAX_IN_FLIGHT = limit
+    settings.PREBUILDS_MAX_IN_FLIGHT_PER_PRESET = per_preset
+
+    assert fill_waves(wanted) == expected
