@@ -29,8 +29,9 @@ from accounts.models import SYSTEM_USER_ID, Organization
 from prebuilds.pacing import Demand, allowed_creations
 from prebuilds.reconciliation import ActionType, calculate_actions
 from prebuilds.selectors import reconciliation_snapshot
+from prebuilds.services import preset_invalidate
 from prebuilds.sizing import percentile
-from workspaces.models import JobStatus, ProvisionerJob, Template
+from workspaces.models import JobStatus, ProvisionerJob, Template, TemplateVersionPreset
 from workspaces.template_files import TemplateSpec
 from workspaces.template_services import template_push
 
@@ -133,6 +134,32 @@ def template_push_plan(
                 build_samples=len(samples),
                 pools=pools,
             )
+            raise _Rollback
+    except _Rollback:
+        pass
+    assert result is not None
+    return result
+
+
+def preset_invalidate_plan(*, preset: TemplateVersionPreset) -> tuple[PoolPlan | None, int]:
+    """What invalidating ``preset`` (``prebuilds.services.preset_invalidate``) would do, and the
+    number of recorded build durations behind its times; writes nothing.
+
+    Runs the real invalidation and the reconciler's snapshot and core in a transaction it
+    rolls back: every current prebuild becomes expired, so the next pass deletes it and
+    creates its replacement. None when the pass would do nothing (an inactive preset, or no
+    prebuilds and none desired).
+    """
+    now = timezone.now()
+    result: tuple[PoolPlan | None, int] | None = None
+    try:
+        with transaction.atomic():
+            preset_invalidate(preset=preset)
+            samples = _build_seconds(preset.template_version.template_id)
+            p90 = percentile(samples, BUILD_PERCENTILE) if samples else None
+            snapshot = reconciliation_snapshot(now=now, preset_ids=[preset.id])
+            pools = _pools(snapshot, {preset.id}, p90)
+            result = (pools[0] if pools else None, len(samples))
             raise _Rollback
     except _Rollback:
         pass
@@ -250,19 +277,23 @@ def plan_lines(plan: PushPlan) -> list[str]:
         )
     if not plan.pools:
         lines.append("no pools change")
-    for pool in plan.pools:
-        parts = [f"delete {pool.deleted}"]
-        if pool.canceled:
-            parts.append(f"cancel {pool.canceled} pending")
-        parts.append(f"create {pool.created}")
-        if pool.created == 0:
-            window = "no new prebuilds"
-        elif pool.first_ready_seconds is None or pool.full_seconds is None:
-            window = "cold builds: unknown (no recorded builds)"
-        else:
-            window = (
-                f"cold builds for ~{format_duration(pool.first_ready_seconds)},"
-                f" full after ~{format_duration(pool.full_seconds)}"
-            )
-        lines.append(f"  {pool.preset}: {', '.join(parts)}; {window}")
+    lines.extend(f"  {pool.preset}: {pool_line(pool)}" for pool in plan.pools)
     return lines
+
+
+def pool_line(pool: PoolPlan) -> str:
+    """``delete 2, create 2; cold builds for ~5.0 min, full after ~5.0 min``."""
+    parts = [f"delete {pool.deleted}"]
+    if pool.canceled:
+        parts.append(f"cancel {pool.canceled} pending")
+    parts.append(f"create {pool.created}")
+    if pool.created == 0:
+        window = "no new prebuilds"
+    elif pool.first_ready_seconds is None or pool.full_seconds is None:
+        window = "cold builds: unknown (no recorded builds)"
+    else:
+        window = (
+            f"cold builds for ~{format_duration(pool.first_ready_seconds)},"
+            f" full after ~{format_duration(pool.full_seconds)}"
+        )
+    return f"{', '.join(parts)}; {window}"

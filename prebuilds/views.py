@@ -34,6 +34,7 @@ from prebuilds.audit import audit_record
 from prebuilds.backtest import BacktestError, backtest_prepare
 from prebuilds.forms import DesiredInstancesForm, PauseForm, WorkspaceFilterForm
 from prebuilds.models import AuditAction
+from prebuilds.push_plan import pool_line, preset_invalidate_plan
 from prebuilds.reconciler import prebuild_delete
 from prebuilds.services import (
     PrebuildsError,
@@ -415,6 +416,12 @@ def preset_confirm(request: HttpRequest, preset_id: UUID, action: str) -> HttpRe
         "action_url": reverse(url_name, kwargs={"preset_id": preset.id}),
         "back_url": reverse("prebuilds:preset", kwargs={"preset_id": preset.id}),
     }
+    if action == "invalidate":
+        # What the next pass would do, computed in a rolled-back invalidation (writes nothing).
+        pool, _ = preset_invalidate_plan(preset=preset)
+        context["preview"] = (
+            f"Then: {pool_line(pool)}." if pool else "Then: no prebuilds to replace."
+        )
     return render(request, "prebuilds/confirm.html", context)
 
 

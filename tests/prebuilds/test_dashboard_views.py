@@ -819,6 +819,36 @@ def test_it_offers_a_confirmation_page_without_javascript(staff_client, preset):
     assert TemplateVersionPreset.objects.get(id=preset.id).last_invalidated_at is None
 
 
+def test_the_invalidate_confirmation_previews_the_next_pass_and_writes_nothing(
+    staff_client, preset, settings, django_capture_on_commit_callbacks
+):
+    settings.PREBUILDS_MAX_IN_FLIGHT_PER_PRESET = 2
+    preset.desired_instances = 3
+    preset.save()
+    for seconds in (60, 120, 600):
+        workspace = prebuild(preset)
+        job = ProvisionerJob.objects.get(build__workspace=workspace)
+        job.started_at = job.completed_at - timedelta(seconds=seconds)
+        job.save(update_fields=["started_at"])
+    before = (
+        WorkspaceBuild.objects.count(),
+        ProvisionerJob.objects.count(),
+        list(TemplateVersionPreset.objects.values_list("id", "last_invalidated_at")),
+    )
+
+    with django_capture_on_commit_callbacks() as callbacks:
+        body = body_of(staff_client.get(f"/prebuilds/presets/{preset.id}/confirm/invalidate"))
+
+    # All 3 expire and are replaced in waves of 2 then 1, each the p90 build time (10 min).
+    assert "Then: delete 3, create 3; cold builds for ~10.0 min, full after ~20.0 min." in body
+    assert callbacks == []
+    assert (
+        WorkspaceBuild.objects.count(),
+        ProvisionerJob.objects.count(),
+        list(TemplateVersionPreset.objects.values_list("id", "last_invalidated_at")),
+    ) == before
+
+
 # -- the preset page ------------------------------------------------------------------------
 
 
