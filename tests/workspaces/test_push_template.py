@@ -10,11 +10,14 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import redis
+from django.conf import settings as django_settings
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection
 
 from accounts.services import organization_default
+from config import env
 from prebuilds.push_plan import fill_waves
 from tests.accounts.factories import OrganizationFactory, UserFactory
 from tests.workspaces.factories import TemplateFactory, prebuild
@@ -504,13 +507,23 @@ def every_row_count() -> dict[str, int]:
     }
 
 
+def broker_queues() -> dict[bytes, int]:
+    """The length of every list (Celery queue) on the real broker of this run."""
+    client = redis.Redis.from_url(env.redis_url_of_broker(django_settings.CELERY_BROKER_URL))
+    try:
+        return {key: client.llen(key) for key in client.keys("*") if client.type(key) == b"list"}
+    finally:
+        client.close()
+
+
 def planned(django_capture_on_commit_callbacks, *args: str) -> str:
     """Run ``push_template --plan``; assert it wrote nothing and queued nothing; its stdout."""
-    before = every_row_count()
+    before, queued = every_row_count(), broker_queues()
     with django_capture_on_commit_callbacks() as callbacks:
         stdout, stderr = push(*args, "--plan")
     # Every build and refill is sent to the broker from an on_commit hook: none means none sent.
     assert callbacks == []
+    assert broker_queues() == queued
     assert every_row_count() == before
     assert stderr == ""
     return stdout
