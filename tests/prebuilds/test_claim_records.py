@@ -15,7 +15,7 @@ from prebuilds.claims import miss_reason
 from prebuilds.metrics import registry
 from prebuilds.models import MissReason, PrebuildClaim, PrebuildsSettings, ReconciliationPass
 from tests.accounts.factories import UserFactory
-from tests.workspaces.factories import PresetFactory, prebuild
+from tests.workspaces.factories import PresetFactory, TemplateVersionFactory, prebuild
 from workspaces import jobs
 from workspaces.creation import workspace_request
 from workspaces.models import (
@@ -136,6 +136,7 @@ def test_metrics_show_misses_and_claim_durations(client):
         if s.labels.get("preset") == preset.name
     }
     assert samples[("prebuilt_workspaces_claim_misses_total", None)] == 1
+    assert samples[("prebuilt_workspace_claim_duration_seconds_count", None)] == 1
     assert samples[("prebuilt_workspace_claim_duration_seconds_count", None)] == 1
     assert samples[("prebuilt_workspace_claim_duration_seconds_bucket", "0.25")] == 0
     assert samples[("prebuilt_workspace_claim_duration_seconds_bucket", "0.5")] == 1
@@ -310,3 +311,32 @@ def test_a_claim_with_a_miss_reason_is_refused_by_the_database():
         )
     with pytest.raises(IntegrityError), transaction.atomic():
         PrebuildClaim.objects.create(preset=preset, user=UserFactory(), claimed=False)
+
+
+def test_metrics_count_misses_by_reason_summed_over_versions():
+    preset = PresetFactory(desired_instances=1)
+    old = TemplateVersionFactory(template=preset.template_version.template)
+    twin = PresetFactory(template_version=old, name=preset.name)  # same names, another version
+    workspace_request(user=UserFactory(), name="a", preset=preset)  # pool_empty
+    PrebuildsSettings.objects.create(reconciliation_paused=True)
+    workspace_request(user=UserFactory(), name="b", preset=preset)  # paused
+    PrebuildClaim.objects.create(
+        preset=twin, user=UserFactory(), claimed=False, miss_reason="reconciliation_paused"
+    )
+    other = PresetFactory(desired_instances=None)
+    workspace_request(user=UserFactory(), name="c", preset=other)  # declares_none
+
+    from prometheus_client import generate_latest
+
+    text = generate_latest(registry).decode()
+    misses = {
+        (s.labels["preset"], s.labels["reason"]): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "prebuilt_workspaces_claim_misses_total"
+    }
+    assert misses == {
+        (preset.name, "pool_empty"): 1,
+        (preset.name, "reconciliation_paused"): 2,
+        (other.name, "declares_none"): 1,
+    }
