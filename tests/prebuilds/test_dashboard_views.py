@@ -854,7 +854,7 @@ def test_it_shows_claims_misses_and_failures(staff_client, preset):
         requested_at=now - timedelta(seconds=10),
         ready_at=now - timedelta(seconds=7.5),
     )
-    PrebuildClaim.objects.create(preset=preset, user=user, claimed=False)
+    PrebuildClaim.objects.create(preset=preset, user=user, claimed=False, miss_reason="starting")
     failed = prebuild(preset, status=JobStatus.FAILED)
     job = failed.builds.get().job
     job.error = "provisioner exited with status 2"
