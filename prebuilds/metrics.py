@@ -57,7 +57,7 @@ from prometheus_client.registry import Collector
 from accounts import tokens
 from accounts.models import SYSTEM_USER_ID
 from config import http_metrics
-from prebuilds.models import MetricTotal, ReconciliationPass
+from prebuilds.models import MetricTotal, MissReason, ReconciliationPass
 from prebuilds.selectors import reconciliation_paused
 from workspaces.models import PrebuildStatus
 
@@ -201,7 +201,7 @@ class PrebuildsCollector(Collector):
 
     def _claims(self) -> Iterator[Metric]:
         """Misses by reason (``MissReason``: the user got a cold build, and why) and
-        claim-to-ready durations. A preset appears under the reasons it has missed for."""
+        claim-to-ready durations."""
         misses = CounterMetricFamily(
             "prebuilt_workspaces_claim_misses",
             "Requests for a preset that found no eligible prebuild, by reason.",
@@ -221,7 +221,14 @@ class PrebuildsCollector(Collector):
             totals = histograms.setdefault(labels, [0.0] * len(figures))
             for index, value in enumerate(figures):  # summed over presets of the same name
                 totals[index] += float(value)
-        for labels_reason, missed in missed_by.items():
+        # Every reason of every preset with claim requests, 0 when none yet: a series exists
+        # before its first miss (so `increase` sees the first one, and hit-rate rules have a
+        # miss series to add for presets that never missed).
+        for labels in histograms:
+            for reason in MissReason.values:
+                if reason != MissReason.UNKNOWN:
+                    missed_by.setdefault((*labels, reason), 0.0)
+        for labels_reason, missed in sorted(missed_by.items()):
             misses.add_metric(list(labels_reason), missed)
         for labels, (count, total, *cumulative) in histograms.items():
             buckets = [(repr(b), v) for b, v in zip(CLAIM_BUCKETS, cumulative, strict=True)]

@@ -130,13 +130,13 @@ def test_metrics_show_misses_and_claim_durations(client):
 
     text = generate_latest(registry).decode()
     samples = {
-        (s.name, s.labels.get("le")): s.value
+        (s.name, s.labels.get("le") or s.labels.get("reason")): s.value
         for family in text_string_to_metric_families(text)
         for s in family.samples
         if s.labels.get("preset") == preset.name
     }
-    assert samples[("prebuilt_workspaces_claim_misses_total", None)] == 1
-    assert samples[("prebuilt_workspace_claim_duration_seconds_count", None)] == 1
+    assert samples[("prebuilt_workspaces_claim_misses_total", "pool_empty")] == 1
+    assert samples[("prebuilt_workspaces_claim_misses_total", "starting")] == 0
     assert samples[("prebuilt_workspace_claim_duration_seconds_count", None)] == 1
     assert samples[("prebuilt_workspace_claim_duration_seconds_bucket", "0.25")] == 0
     assert samples[("prebuilt_workspace_claim_duration_seconds_bucket", "0.5")] == 1
@@ -335,7 +335,14 @@ def test_metrics_count_misses_by_reason_summed_over_versions():
         for s in family.samples
         if s.name == "prebuilt_workspaces_claim_misses_total"
     }
+    zeros = {
+        (name, reason): 0
+        for name in (preset.name, other.name)
+        for reason in MissReason.values
+        if reason != "unknown"
+    }
     assert misses == {
+        **zeros,
         (preset.name, "pool_empty"): 1,
         (preset.name, "reconciliation_paused"): 2,
         (other.name, "declares_none"): 1,
