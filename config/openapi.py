@@ -20,6 +20,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_safe
 
 from accounts.api import allowed_methods, method_not_allowed
+from prebuilds.models import MissReason
 from workspaces import listing
 from workspaces.models import REPORTABLE_LIFECYCLE_STATES, AgentLifecycle, JobStatus, Transition
 from workspaces.reinit_api import DEFAULT_WAIT, MAX_WAIT
@@ -223,6 +224,7 @@ def _schemas() -> dict[str, Any]:
             "status",
             "state",
             "actions",
+            "claims",
         ],
         "properties": {
             "preset_id": UUID,
@@ -236,6 +238,17 @@ def _schemas() -> dict[str, Any]:
             "status": {"enum": ["healthy", "hard_limited", "validation_failed"]},
             "state": _ref("PoolState"),
             "actions": {"type": "array", "items": action},
+            "claims": _object(
+                {
+                    "window_seconds": COUNT,
+                    "hits": COUNT,
+                    "misses": _object(
+                        dict.fromkeys(MissReason.values, COUNT),
+                        description="Claim requests that found no prebuild, by reason.",
+                    ),
+                },
+                description="The preset's claim requests of the last `window_seconds`.",
+            ),
         },
     }
     return {

@@ -24,10 +24,12 @@ from accounts.models import SYSTEM_USER_ID, User
 from config.sql import columns
 from config.sql import insert as sql_insert
 from prebuilds import eligibility
-from prebuilds.models import PrebuildClaim
+from prebuilds.models import SETTINGS_ID, MissReason, PrebuildClaim
+from prebuilds.reconciliation import Backoff, backoff_until
 from workspaces import jobs, selectors
 from workspaces.models import (
     BuildReason,
+    PrebuildStatus,
     ProvisionerJob,
     TemplateVersionPreset,
     Transition,
@@ -370,15 +372,146 @@ class _Claim:
 
 
 def claim_record(
-    *, user: User, preset: TemplateVersionPreset, workspace: Workspace | None
+    *,
+    user: User,
+    preset: TemplateVersionPreset,
+    workspace: Workspace | None,
+    miss_reason: str = "",
 ) -> PrebuildClaim:
-    """Record a claim (``workspace`` given) or a miss, for metrics and the dashboards.
+    """Record a claim (``workspace`` given) or a miss with its ``miss_reason`` (``MissReason``),
+    for metrics and the dashboards.
 
     ``claim_prebuild`` records its claims itself, in the claim's transaction.
     """
     return PrebuildClaim.objects.create(
-        preset=preset, user=user, workspace=workspace, claimed=workspace is not None
+        preset=preset,
+        user=user,
+        workspace=workspace,
+        claimed=workspace is not None,
+        miss_reason="" if workspace is not None else miss_reason,
     )
+
+
+# Why the preset had nothing to claim: one statement, run only on a miss (which costs a cold
+# build anyway). ``live`` is the preset's live prebuilds as the claim sees them (the template's
+# system-owned workspaces whose latest build is of the preset, ``workspace_prebuild`` index),
+# each judged by ``prebuilds.eligibility``; ``failures`` are the preset's template failures in
+# the back-off look-back (as the reconciler's history query counts them: infrastructure
+# failures say nothing about the template); ``pass_desired`` is the pool size the latest pass
+# that held the lock wanted (schedules and sizing included), NULL when no pass saw the preset.
+MISS_FACTS_SQL = f"""
+WITH live AS (
+    SELECT (latest.transition = 'start' AND j.status IN ('pending', 'running')) AS building,
+           ({eligibility.RUNNING}) AS running,
+           NOT ({eligibility.ACTIVE} AND {eligibility.NOT_EXPIRED.format(now="now()")})
+               AS expired,
+           ({eligibility.agents_claimable("w")}) AS claimable,
+           EXISTS (SELECT 1 FROM workspaces_workspaceagent a
+                    WHERE a.workspace_id = w.id AND a.retired_at IS NULL
+                      AND a.lifecycle_state IN ('created', 'starting')) AS agents_starting
+      FROM workspaces_workspace w
+      JOIN LATERAL (
+          SELECT b.template_version_id, b.preset_id, b.transition, b.job_id
+            FROM workspaces_workspacebuild b
+           WHERE b.workspace_id = w.id
+           ORDER BY b.build_number DESC
+           LIMIT 1
+      ) latest ON true
+      JOIN workspaces_provisionerjob j ON j.id = latest.job_id
+      JOIN workspaces_template t ON t.id = w.template_id
+      JOIN workspaces_templateversionpreset p ON p.id = latest.preset_id
+     WHERE {eligibility.SYSTEM_OWNED} AND w.template_id = %(template)s
+       AND latest.preset_id = %(preset)s
+)
+SELECT COALESCE((SELECT s.reconciliation_paused FROM prebuilds_prebuildssettings s
+                  WHERE s.id = %(settings_id)s), false) AS paused,
+       (SELECT (r.preset_counts -> %(preset_key)s ->> 0)::int
+          FROM prebuilds_reconciliationpass r
+         WHERE r.lock_acquired ORDER BY r.started_at DESC LIMIT 1) AS pass_desired,
+       (SELECT COUNT(*) FILTER (WHERE building) FROM live) AS building,
+       (SELECT COUNT(*) FILTER (WHERE running AND NOT expired AND NOT claimable
+                                  AND agents_starting) FROM live) AS agents_starting,
+       (SELECT COUNT(*) FILTER (WHERE running AND (expired OR NOT claimable)
+                                  AND NOT (NOT expired AND agents_starting)) FROM live)
+           AS expired_or_unhealthy,
+       f.num_failed, f.last_failed_at
+  FROM (SELECT COUNT(*) AS num_failed, MAX(j.completed_at) AS last_failed_at
+          FROM workspaces_workspacebuild b
+          JOIN workspaces_provisionerjob j ON j.id = b.job_id
+         WHERE b.preset_id = %(preset)s AND b.initiator_id = '{SYSTEM_USER_ID}'::uuid
+           AND b.reason = 'prebuild' AND b.transition = 'start' AND j.status = 'failed'
+           AND j.failure_kind IS DISTINCT FROM 'infrastructure'
+           AND j.completed_at >= %(lookback_start)s) f
+"""
+
+
+def miss_reason(preset: TemplateVersionPreset) -> str:
+    """Why a request for ``preset`` found no eligible prebuild: a ``MissReason`` code.
+
+    A preset that keeps no pool (``desired_instances`` empty) is ``declares_none`` with no
+    query: nothing else could have served it. Otherwise the first that holds, in this order
+    (the cause an operator can act on first; a paused reconciler or a limited preset explains
+    an empty pool whatever else is true):
+
+    1. ``reconciliation_paused`` — the operator paused the reconciler;
+    2. ``hard_limited`` — the preset's last prebuild builds all failed;
+    3. ``validation_failed`` — the preset's parameters fail validation;
+    4. ``declares_none`` — the pool size the latest pass wanted is 0 (a schedule, sizing, or
+       ``desired_instances: 0``), or, before any pass saw the preset, ``desired_instances`` is
+       0 with no schedule or goal to say otherwise;
+    5. ``backing_off`` — template failures in ``PREBUILDS_BACKOFF_LOOKBACK`` hold creation back
+       (the reconciler's rule, ``prebuilds.reconciliation.backoff_until``);
+    6. ``starting`` — a prebuild is building, or running with agents still coming up;
+    7. ``expired_or_unhealthy`` — the preset has running prebuilds, none claimable: expired
+       (TTL, invalidation, a version no longer active) or agents gone or disconnected;
+    8. ``pool_empty`` — nothing of the preset is live (or the claimable ones were just taken
+       by concurrent claims).
+
+    Cost: one statement (``MISS_FACTS_SQL``), and one more only for ``desired_instances: 0``
+    before any pass saw the preset (its schedules); only ever run on a miss.
+    """
+    if preset.desired_instances is None:
+        return MissReason.DECLARES_NONE
+    now = timezone.now()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            MISS_FACTS_SQL,
+            {
+                "template": preset.template_version.template_id,
+                "preset": preset.id,
+                "preset_key": str(preset.id),
+                "settings_id": SETTINGS_ID,
+                "lookback_start": now - settings.PREBUILDS_BACKOFF_LOOKBACK,
+                **eligibility.params(disconnect_timeout=settings.AGENT_DISCONNECT_TIMEOUT),
+            },
+        )
+        paused, pass_desired, building, agents_starting, left, num_failed, last_failed = (
+            cursor.fetchone()
+        )
+    if paused:
+        return MissReason.PAUSED
+    if preset.prebuild_status == PrebuildStatus.HARD_LIMITED:
+        return MissReason.HARD_LIMITED
+    if preset.prebuild_status == PrebuildStatus.VALIDATION_FAILED:
+        return MissReason.VALIDATION_FAILED
+    if pass_desired == 0 or (
+        pass_desired is None
+        and preset.desired_instances == 0
+        and preset.target_hit_rate is None
+        and not preset.schedules.exists()
+    ):
+        return MissReason.DECLARES_NONE
+    until = backoff_until(
+        Backoff(num_failed=num_failed, last_build_at=last_failed) if num_failed else None,
+        settings.PREBUILDS_BACKOFF_INTERVAL,
+    )
+    if until is not None and now <= until:
+        return MissReason.BACKING_OFF
+    if building or agents_starting:
+        return MissReason.STARTING
+    if left:
+        return MissReason.EXPIRED_OR_UNHEALTHY
+    return MissReason.POOL_EMPTY
 
 
 # Every current agent of the claimed workspace is ready and initialised for its owner.

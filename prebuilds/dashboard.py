@@ -56,7 +56,7 @@ from typing import Any
 from uuid import UUID
 
 from django.conf import settings
-from django.db.models import OuterRef, QuerySet, Subquery
+from django.db.models import Count, OuterRef, QuerySet, Subquery
 from django.db.models.expressions import RawSQL
 from django.db.models.fields.json import KeyTransform
 from django.utils import timezone
@@ -64,7 +64,7 @@ from django.utils import timezone
 from accounts.models import SYSTEM_USER_ID
 from prebuilds import eligibility
 from prebuilds.audit import audit_recent
-from prebuilds.models import AuditEntry, PrebuildClaim, ReconciliationPass
+from prebuilds.models import AuditEntry, MissReason, PrebuildClaim, ReconciliationPass
 from prebuilds.reconciler import PassResult, PresetResult, reconcile
 from prebuilds.reconciliation import ActionType
 from workspaces.liveness import agent_connection
@@ -684,6 +684,38 @@ def preset_claims(preset: TemplateVersionPreset, *, limit: int = 20) -> list[Cla
         .order_by("-requested_at", "-id")[:limit]
     )
     return [ClaimLine(claim) for claim in claims]
+
+
+# The window of the preset page's "misses by reason": a day, so a quiet night still shows.
+MISS_REASONS_WINDOW = timedelta(hours=24)
+
+
+@dataclass(frozen=True)
+class MissReasonLine:
+    code: str  # a ``MissReason`` value
+    label: str
+    count: int
+
+
+def preset_miss_reasons(
+    preset: TemplateVersionPreset, *, now: datetime
+) -> tuple[int, list[MissReasonLine]]:
+    """Claims and misses by reason of the preset in ``MISS_REASONS_WINDOW`` before ``now``:
+    (hits, one line per reason seen, most first). One query."""
+    rows = (
+        PrebuildClaim.objects.filter(preset=preset, requested_at__gte=now - MISS_REASONS_WINDOW)
+        .order_by()  # no default ordering: it would join the GROUP BY
+        .values_list("miss_reason")
+        .annotate(count=Count("id"))
+    )
+    hits, lines = 0, []
+    for code, count in rows:
+        if not code:
+            hits = count
+        else:
+            lines.append(MissReasonLine(code, MissReason(code).label, count))
+    lines.sort(key=lambda line: (-line.count, line.code))
+    return hits, lines
 
 
 def preset_failures(preset: TemplateVersionPreset, *, limit: int = 10) -> list[WorkspaceBuild]:

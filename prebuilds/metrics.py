@@ -19,6 +19,9 @@ passes run in Celery workers, scrapes hit web processes.
   `rate(_sum) / rate(_count)` and `histogram_quantile(0.99, rate(_bucket[5m]))` work. (A
   process-local `Histogram` would only be seen by the worker process that ran the passes,
   never by the web process being scraped; the pass rows themselves are pruned after a day.)
+- `prebuilt_workspaces_claim_misses_total{reason}`: claim requests that found no eligible
+  prebuild, by `MissReason` code (`PrebuildClaim.miss_reason`; `unknown` for misses recorded
+  before reasons were), from the same query as the claim durations.
 - `prebuilt_workspace_claim_duration_seconds`: a histogram of claim request → every agent ready
   for the new owner, from `PrebuildClaim` rows (never pruned).
 
@@ -54,7 +57,7 @@ from prometheus_client.registry import Collector
 from accounts import tokens
 from accounts.models import SYSTEM_USER_ID
 from config import http_metrics
-from prebuilds.models import MetricTotal, ReconciliationPass
+from prebuilds.models import MetricTotal, MissReason, ReconciliationPass
 from prebuilds.selectors import reconciliation_paused
 from workspaces.models import PrebuildStatus
 
@@ -101,10 +104,11 @@ SELECT o.name, t.name, p.name, COUNT(*)
 
 CLAIM_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
-# Claim misses and claim-to-ready durations per preset name (from PrebuildClaim rows).
+# Claim misses by reason and claim-to-ready durations per preset name (from PrebuildClaim
+# rows), one row per preset and miss reason ('' for the claims).
 _CLAIMS_SQL = (
     """
-SELECT o.name, t.name, p.name,
+SELECT o.name, t.name, p.name, c.miss_reason,
        COUNT(*) FILTER (WHERE NOT c.claimed),
        COUNT(c.ready_at),
        COALESCE(SUM(EXTRACT(EPOCH FROM c.ready_at - c.requested_at)), 0),
@@ -118,7 +122,7 @@ SELECT o.name, t.name, p.name,
 """
     + _NAMES.format(preset="c.preset_id")
     + """
- GROUP BY o.name, t.name, p.name
+ GROUP BY o.name, t.name, p.name, c.miss_reason
 """
 )
 
@@ -196,25 +200,40 @@ class PrebuildsCollector(Collector):
         yield from self._claims()
 
     def _claims(self) -> Iterator[Metric]:
-        """Misses (pool empty: the user got a cold build) and claim-to-ready durations."""
+        """Misses by reason (``MissReason``: the user got a cold build, and why) and
+        claim-to-ready durations."""
         misses = CounterMetricFamily(
             "prebuilt_workspaces_claim_misses",
-            "Requests for a preset with prebuilds that found no eligible prebuild.",
-            labels=LABELS,
+            "Requests for a preset that found no eligible prebuild, by reason.",
+            labels=(*LABELS, "reason"),
         )
         durations = HistogramMetricFamily(
             "prebuilt_workspace_claim_duration_seconds",
             "From the claim request to every agent ready for the new owner.",
             labels=LABELS,
         )
-        for organization, template, preset, missed, count, total, *cumulative in _rows(
-            _CLAIMS_SQL, {}
-        ):
-            labels = [organization, template, preset]
-            misses.add_metric(labels, missed)
+        missed_by: dict[tuple[str, ...], float] = defaultdict(float)
+        histograms: dict[Labels, list[float]] = {}
+        for organization, template, preset, reason, missed, *figures in _rows(_CLAIMS_SQL, {}):
+            labels = (organization, template, preset)
+            if missed:
+                missed_by[(*labels, reason)] += missed
+            totals = histograms.setdefault(labels, [0.0] * len(figures))
+            for index, value in enumerate(figures):  # summed over presets of the same name
+                totals[index] += float(value)
+        # Every reason of every preset with claim requests, 0 when none yet: a series exists
+        # before its first miss (so `increase` sees the first one, and hit-rate rules have a
+        # miss series to add for presets that never missed).
+        for labels in histograms:
+            for reason in MissReason.values:
+                if reason != MissReason.UNKNOWN:
+                    missed_by.setdefault((*labels, reason), 0.0)
+        for labels_reason, missed in sorted(missed_by.items()):
+            misses.add_metric(list(labels_reason), missed)
+        for labels, (count, total, *cumulative) in histograms.items():
             buckets = [(repr(b), v) for b, v in zip(CLAIM_BUCKETS, cumulative, strict=True)]
             buckets.append(("+Inf", count))
-            durations.add_metric(labels, buckets, sum_value=float(total))
+            durations.add_metric(list(labels), buckets, sum_value=total)
         yield from (misses, durations)
 
     def _pool(self) -> Iterator[Metric]:

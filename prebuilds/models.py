@@ -79,11 +79,29 @@ class MetricTotal(models.Model):
         return f"{self.name} = {self.value:g}"
 
 
-class PrebuildClaim(models.Model):
-    """One request for a workspace of a preset that keeps prebuilds: a claim or a miss.
+class MissReason(models.TextChoices):
+    """Why a claim request found no prebuild (``prebuilds.claims.miss_reason``); stable codes,
+    the same in the database, ``/metrics`` (label ``reason``) and the status document."""
 
-    ``ready_at`` is set when every agent of the claimed workspace is ready *for the new owner*
-    (re-initialised after the claim); ``ready_at - requested_at`` is the claim-to-ready time.
+    PAUSED = "reconciliation_paused", "Reconciliation paused"
+    HARD_LIMITED = "hard_limited", "Hard limited"
+    VALIDATION_FAILED = "validation_failed", "Validation failed"
+    DECLARES_NONE = "declares_none", "Preset declares none"
+    BACKING_OFF = "backing_off", "Backing off after failures"
+    STARTING = "starting", "All prebuilds still starting"
+    EXPIRED_OR_UNHEALTHY = "expired_or_unhealthy", "Only expired or unhealthy prebuilds left"
+    POOL_EMPTY = "pool_empty", "Pool empty"
+    # Misses recorded before reasons were (migration 0005).
+    UNKNOWN = "unknown", "Unknown (recorded before reasons)"
+
+
+class PrebuildClaim(models.Model):
+    """One request for a workspace of a preset: a claim or a miss, with its ``miss_reason``.
+
+    ``miss_reason`` is empty for a claim and one of ``MissReason`` for a miss (a check
+    constraint holds the two together). ``ready_at`` is set when every agent of the claimed
+    workspace is ready *for the new owner* (re-initialised after the claim);
+    ``ready_at - requested_at`` is the claim-to-ready time.
     """
 
     id = models.BigAutoField(primary_key=True)
@@ -101,9 +119,17 @@ class PrebuildClaim(models.Model):
     claimed = models.BooleanField()
     requested_at = models.DateTimeField(default=timezone.now, db_index=True)
     ready_at = models.DateTimeField(null=True, blank=True)
+    miss_reason = models.CharField(max_length=32, blank=True, choices=MissReason.choices)
 
     class Meta:
         ordering = ["-requested_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(claimed=True, miss_reason="")
+                | (Q(claimed=False) & Q(miss_reason__in=MissReason.values)),
+                name="claim_miss_reason_valid",
+            )
+        ]
         indexes = [
             models.Index(
                 fields=["workspace"], condition=Q(ready_at__isnull=True), name="claim_not_ready"

@@ -38,13 +38,13 @@ from uuid import UUID
 
 import psycopg
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, OperationalError, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, OperationalError, connection, connections, transaction
 from django.utils import timezone
 
 from accounts.models import Membership, Role, User
 from accounts.services import system_user
 from prebuilds.metrics import pass_duration_observe
-from prebuilds.models import ReconciliationPass
+from prebuilds.models import MissReason, ReconciliationPass
 from prebuilds.pacing import Demand, allowed_creations
 from prebuilds.reconciliation import (
     ActionType,
@@ -159,6 +159,14 @@ class PresetDocument(TypedDict):
     # Added (issue 17): how a pool sized by a goal got its desired size (null: not sized by a
     # goal). `policy` is "target" (from recorded demand) or "fallback" (history too short).
     sizing: SizingDocument | None
+    # Added (issue 17): claim requests of the last `CLAIMS_WINDOW`, hits and misses by reason.
+    claims: ClaimsDocument
+
+
+class ClaimsDocument(TypedDict):
+    window_seconds: int
+    hits: int
+    misses: dict[str, int]  # every `MissReason` code, 0 when none
 
 
 class PassDocument(TypedDict):
@@ -659,16 +667,59 @@ def _record(result: PassResult, now: datetime) -> None:
 # The JSON document (DESIGN.md section 8): `reconcile_prebuilds --json` and the status API
 
 
+# The claim requests the status document counts per preset: recent enough to say what users
+# meet now, long enough to hold more than a handful.
+CLAIMS_WINDOW = timedelta(hours=1)
+
+# Claim requests per preset and miss reason ('' for hits) in the window: one query per
+# document, on the claims' requested_at index.
+_CLAIM_COUNTS_SQL = """
+SELECT c.preset_id, c.miss_reason, COUNT(*)
+  FROM prebuilds_prebuildclaim c
+ WHERE c.requested_at >= %(since)s AND c.preset_id = ANY(%(preset_ids)s::uuid[])
+ GROUP BY c.preset_id, c.miss_reason
+"""
+
+
 def pass_document(result: PassResult) -> PassDocument:
-    """The contract's JSON document for a pass."""
+    """The contract's JSON document for a pass (one query: the presets' recent claims)."""
+    claims = _claim_counts([preset.entry.id for preset in result.presets])
     return {
         "paused": result.paused,
         "lock_acquired": result.lock_acquired,
-        "presets": [_preset_document(preset) for preset in result.presets],
+        "presets": [
+            _preset_document(preset, claims.get(preset.entry.id)) for preset in result.presets
+        ],
     }
 
 
-def _preset_document(result: PresetResult) -> PresetDocument:
+def _claim_counts(preset_ids: list[UUID]) -> dict[UUID, ClaimsDocument]:
+    counts: dict[UUID, ClaimsDocument] = {}
+    if not preset_ids:
+        return counts
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _CLAIM_COUNTS_SQL,
+            {"since": timezone.now() - CLAIMS_WINDOW, "preset_ids": preset_ids},
+        )
+        for preset_id, reason, count in cursor.fetchall():
+            document = counts.setdefault(preset_id, _claims_document())
+            if reason:
+                document["misses"][reason] = document["misses"].get(reason, 0) + count
+            else:
+                document["hits"] += count
+    return counts
+
+
+def _claims_document() -> ClaimsDocument:
+    return {
+        "window_seconds": int(CLAIMS_WINDOW.total_seconds()),
+        "hits": 0,
+        "misses": dict.fromkeys(MissReason.values, 0),
+    }
+
+
+def _preset_document(result: PresetResult, claims: ClaimsDocument | None) -> PresetDocument:
     entry, state = result.entry, result.state
     return {
         "preset_id": str(entry.id),
@@ -709,6 +760,7 @@ def _preset_document(result: PresetResult) -> PresetDocument:
             if entry.sizing is not None
             else None
         ),
+        "claims": claims or _claims_document(),
     }
 
 

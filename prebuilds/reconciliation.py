@@ -427,15 +427,17 @@ def _active_actions(
     # Stopping and deleting builds are on their way out, so they do not fill the pool.
     to_create = max(state.desired - (state.actual - state.expired) - snapshot.starting, 0)
     if to_create > 0 and not snapshot.hard_limited:
-        backoff_until = _backoff_until(snapshot.backoff, backoff_interval)
-        if backoff_until is not None and now <= backoff_until:
-            actions.append(ReconciliationActions(ActionType.BACKOFF, backoff_until=backoff_until))
+        until = backoff_until(snapshot.backoff, backoff_interval)
+        if until is not None and now <= until:
+            actions.append(ReconciliationActions(ActionType.BACKOFF, backoff_until=until))
         else:
             actions.append(ReconciliationActions(ActionType.CREATE, create=to_create))
     return actions
 
 
-def _backoff_until(backoff: Backoff | None, backoff_interval: timedelta) -> datetime | None:
+def backoff_until(backoff: Backoff | None, backoff_interval: timedelta) -> datetime | None:
+    """When the back-off of ``backoff`` ends (None: no back-off); the claim's miss reason
+    (``prebuilds.claims.miss_reason``) uses the same rule."""
     if backoff is None or backoff.num_failed <= 0:
         return None
     # The wait grows linearly with recent failures, so a broken preset retries ever

@@ -202,9 +202,13 @@ def _preset_context(
         "notice": notice,
     }
     if full:
+        hits, miss_reasons = dashboard.preset_miss_reasons(preset, now=pool.computed_at)
         context.update(
+            recent_hits=hits,
+            miss_reasons=miss_reasons,
             chart=dashboard.preset_chart(preset.id, now=pool.computed_at),
             claims=dashboard.preset_claims(preset),
+            miss_window_hours=int(dashboard.MISS_REASONS_WINDOW.total_seconds() // 3600),
             failures=dashboard.preset_failures(preset),
         )
     return context

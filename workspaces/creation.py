@@ -15,7 +15,12 @@ from django.db import transaction
 from accounts.models import User
 from workspaces import selectors
 from workspaces.models import Template, TemplateVersionPreset, Workspace
-from workspaces.services import WorkspaceConflict, WorkspaceError, workspace_create
+from workspaces.services import (
+    WorkspaceConflict,
+    WorkspaceError,
+    workspace_create,
+    workspace_name_validate,
+)
 
 
 class WorkspaceNotFound(WorkspaceError):
@@ -43,9 +48,10 @@ def workspace_request(
     - name rules and the "name taken" conflict come from ``workspace_create``
       (400 ``invalid_name``, 409 ``name_taken``);
     - a preset that keeps prebuilds is served from its pool when a prebuild is eligible
-      (``workspace.claimed_prebuild``), else built cold; either outcome is recorded as a
-      ``PrebuildClaim`` (claim or miss), and either asks for a reconciliation pass once the
-      transaction commits (``prebuilds.refill``);
+      (``workspace.claimed_prebuild``), else built cold; every request for a preset is recorded
+      as a ``PrebuildClaim`` (a claim, or a miss with its ``prebuilds.claims.miss_reason`` —
+      ``declares_none`` for a preset without a pool), and a request for a pool asks for a
+      reconciliation pass once the transaction commits (``prebuilds.refill``);
     - one transaction: on any error nothing is written.
     """
     if (template is None) == (preset is None):
@@ -78,17 +84,23 @@ def workspace_request(
             f"{preset.template_version.name!r}, which is no longer the active version of "
             f"template {template.name!r}; pick a preset of the active version.",
         )
-    if preset is not None and preset.desired_instances is not None:
-        # The preset keeps a pool: hand over a ready prebuild if there is one (DESIGN.md §6).
-        from prebuilds.claims import claim_prebuild, claim_record
+    if preset is not None:
+        # A request for a preset is a claim request: served from its pool when a prebuild is
+        # eligible (DESIGN.md §6), else a miss recorded with its reason (cold build).
+        from prebuilds.claims import claim_prebuild, claim_record, miss_reason
         from prebuilds.refill import refill_request
 
-        claimed = claim_prebuild(user, preset, name)  # records the claim itself
-        # Claim or miss, the pool is short now: refill it as soon as this commits (never
-        # before: a pass reading the snapshot earlier would not see the claim).
-        reason = "claim" if claimed is not None else "miss"
-        transaction.on_commit(partial(refill_request, reason=reason, preset_id=preset.id))
-        if claimed is not None:
-            return claimed
-        claim_record(user=user, preset=preset, workspace=None)
+        if preset.desired_instances is not None:
+            claimed = claim_prebuild(user, preset, name)  # records the claim itself
+            # Claim or miss, the pool is short now: refill it as soon as this commits (never
+            # before: a pass reading the snapshot earlier would not see the claim).
+            reason = "claim" if claimed is not None else "miss"
+            transaction.on_commit(partial(refill_request, reason=reason, preset_id=preset.id))
+            if claimed is not None:
+                return claimed
+        else:
+            # No pool to claim from; validate the name first so a refused request records
+            # nothing (``claim_prebuild`` does the same).
+            workspace_name_validate(name)
+        claim_record(user=user, preset=preset, workspace=None, miss_reason=miss_reason(preset))
     return workspace_create(owner=user, template=template, name=name, preset=preset)

@@ -65,7 +65,7 @@ def test_it_inserts_what_save_would_insert():
 
 def test_it_leaves_an_auto_increment_key_to_the_database():
     preset, user = PresetFactory(), UserFactory()
-    claim = PrebuildClaim(preset=preset, user=user, claimed=False)
+    claim = PrebuildClaim(preset=preset, user=user, claimed=False, miss_reason="pool_empty")
     sql, params = insert(claim)
     with connection.cursor() as cursor:
         cursor.execute(sql, params)

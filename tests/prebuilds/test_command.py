@@ -6,14 +6,18 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.utils import timezone
 
 from accounts.models import SYSTEM_USER_ID
-from prebuilds.models import ReconciliationPass
+from prebuilds.models import MissReason, PrebuildClaim, PrebuildsSettings, ReconciliationPass
+from tests.accounts.factories import UserFactory
 from tests.processes import ROOT, process_env
 from tests.workspaces.factories import PresetFactory, prebuild
+from workspaces.creation import workspace_request
 from workspaces.models import Workspace
 
 STATE_KEYS = {
@@ -42,8 +46,10 @@ PRESET_KEYS = {
     # Added by issue 12 (the contract allows added keys): failures by kind, the newest one.
     "failures",
     "last_failure",
-    # Added by issue 17: how a pool sized by a goal got its size (null otherwise).
+    # Added by issue 17: how a pool sized by a goal got its size (null otherwise), and the
+    # preset's claim requests of the last hour, hits and misses by reason.
     "sizing",
+    "claims",
 }
 
 
@@ -90,6 +96,11 @@ def test_it_prints_the_dry_run_document():
         "failures": {"template": 0, "infrastructure": 0},
         "last_failure": None,
         "sizing": None,
+        "claims": {
+            "window_seconds": 3600,
+            "hits": 0,
+            "misses": dict.fromkeys(MissReason.values, 0),
+        },
     }
     assert set(entry["state"]) == STATE_KEYS
     assert list(Workspace.objects.filter(owner_id=SYSTEM_USER_ID)) == [running]
@@ -153,3 +164,23 @@ def test_the_loop_runs_passes_and_exits_cleanly_on_sigterm():
     assert documents[-1]["presets"][0]["actions"] == []  # the pool was filled once
     assert Workspace.objects.filter(owner_id=SYSTEM_USER_ID).count() == 1
     assert "stopped" in stderr
+
+
+@pytest.mark.django_db
+def test_the_document_counts_the_last_hours_claims_by_reason():
+    preset = PresetFactory(desired_instances=1)
+    prebuild(preset)
+    workspace_request(user=UserFactory(), name="hit", preset=preset)
+    workspace_request(user=UserFactory(), name="miss", preset=preset)  # pool_empty now
+    old = workspace_request(user=UserFactory(), name="old", preset=preset)
+    PrebuildClaim.objects.filter(user=old.owner).update(
+        requested_at=timezone.now() - timedelta(hours=2)
+    )  # out of the window
+    PrebuildsSettings.objects.create(reconciliation_paused=True)
+    workspace_request(user=UserFactory(), name="paused", preset=preset)
+
+    [entry] = json.loads(run("--dry-run", "--json"))["presets"]
+
+    misses = dict.fromkeys(MissReason.values, 0)
+    misses.update(pool_empty=1, reconciliation_paused=1)
+    assert entry["claims"] == {"window_seconds": 3600, "hits": 1, "misses": misses}

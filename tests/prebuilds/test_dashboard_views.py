@@ -40,9 +40,9 @@ UNKNOWN = uuid.UUID("00000000-0000-4000-8000-000000000000")
 # Queries a page or fragment may cost, the same at 10 presets and at 300: session and user (2),
 # whether a pass holds the lock (1), the dry-run snapshot (5), workspace names, last pass, audit
 # list (3); the preset page adds the preset, its prebuilds with builds and agents (3), chart,
-# claims, failures.
+# claims, misses by reason (issue 17), failures.
 OVERVIEW_QUERIES = 11
-PRESET_QUERIES = 17
+PRESET_QUERIES = 18
 STAFF_PAGE_QUERIES = {"/prebuilds/workspaces/": 8, "/prebuilds/jobs/": 4}
 
 
@@ -884,7 +884,7 @@ def test_it_shows_claims_misses_and_failures(staff_client, preset):
         requested_at=now - timedelta(seconds=10),
         ready_at=now - timedelta(seconds=7.5),
     )
-    PrebuildClaim.objects.create(preset=preset, user=user, claimed=False)
+    PrebuildClaim.objects.create(preset=preset, user=user, claimed=False, miss_reason="starting")
     failed = prebuild(preset, status=JobStatus.FAILED)
     job = failed.builds.get().job
     job.error = "provisioner exited with status 2"
@@ -1019,3 +1019,37 @@ def test_the_pages_show_an_unhealthy_prebuild_with_why(staff_client, settings):
     line = re.search(rf'id="prebuild-{gone.id}".*?</tr>', page, re.S).group(0)
     assert '<td><span class="badge bad">unhealthy</span> agent disconnected</td>' in line
     assert '<span class="badge warn">disconnected</span>' in line  # its agent
+
+
+def test_it_shows_the_last_days_misses_by_reason(staff_client, preset):
+    user = UserFactory()
+    now = timezone.now()
+
+    def record(reason: str, count: int, *, ago=timedelta(minutes=5)) -> None:
+        for _ in range(count):
+            PrebuildClaim.objects.create(
+                preset=preset,
+                user=user,
+                claimed=not reason,
+                miss_reason=reason,
+                requested_at=now - ago,
+            )
+
+    record("", 4)
+    record("starting", 2)
+    record("pool_empty", 3)
+    record("backing_off", 5, ago=timedelta(hours=30))  # older than the window
+
+    body = body_of(staff_client.get(f"/prebuilds/presets/{preset.id}/"))
+
+    section = body.split("Misses by reason, last 24 hours")[1].split("Recent claims")[0]
+    rows = re.findall(
+        r'<tr data-reason="(\w+)"><td>([^<]+)</td>.*?<td class="num">(\d+)</td>', section
+    )
+    assert rows == [
+        ("pool_empty", "Pool empty", "3"),
+        ("starting", "All prebuilds still starting", "2"),
+    ]
+    assert "4 requests served from the pool" in section
+    claims = body.split("Recent claims and misses")[1]
+    assert "miss: pool_empty" in claims and "miss: starting" in claims

@@ -55,7 +55,13 @@ def record_requests(preset, *, weeks: int, per_minute: dict[int, int], hour: int
         for minute, count in per_minute.items():
             at = start + timedelta(minutes=minute, seconds=1)
             rows += [
-                PrebuildClaim(preset=preset, user=user, claimed=i % 2 == 0, requested_at=at)
+                PrebuildClaim(
+                    preset=preset,
+                    user=user,
+                    claimed=i % 2 == 0,
+                    miss_reason="" if i % 2 == 0 else "pool_empty",
+                    requested_at=at,
+                )
                 for i in range(count)
             ]
     PrebuildClaim.objects.bulk_create(rows)
