@@ -19,14 +19,12 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
-from accounts.models import SYSTEM_USER_ID
 from prebuilds.models import PrebuildClaim
 from prebuilds.reconciliation import PrebuildSchedule
+from prebuilds.selectors import recent_prebuild_build_seconds
 from prebuilds.simulation import Policy, PolicyReport, parse_policy, simulate
-from workspaces.models import JobStatus, ProvisionerJob, TemplateVersionPreset
+from workspaces.models import TemplateVersionPreset
 from workspaces.selectors import parse_uuid
-
-BUILD_SAMPLES = 200
 
 
 class BacktestError(ValueError):
@@ -100,7 +98,11 @@ def backtest_prepare(
     if build_seconds_path is not None:
         build_seconds = _build_seconds_file(build_seconds_path)
     else:
-        build_seconds = _recorded_build_seconds(preset) if preset is not None else []
+        build_seconds = (
+            recent_prebuild_build_seconds(preset__in=_same_presets(preset))
+            if preset is not None
+            else []
+        )
         if not build_seconds:
             raise BacktestError(
                 "--build-seconds-file: no recorded prebuild build durations"
@@ -183,23 +185,6 @@ def _recorded_requests(preset: TemplateVersionPreset, *, since: datetime) -> lis
             preset__in=_same_presets(preset), requested_at__gte=since
         ).values_list("requested_at", flat=True)
     )
-
-
-def _recorded_build_seconds(preset: TemplateVersionPreset) -> list[float]:
-    rows = (
-        ProvisionerJob.objects.filter(
-            build__preset__in=_same_presets(preset),
-            build__initiator_id=SYSTEM_USER_ID,
-            build__reason="prebuild",
-            build__transition="start",
-            status=JobStatus.SUCCEEDED,
-            started_at__isnull=False,
-            completed_at__isnull=False,
-        )
-        .order_by("-completed_at")
-        .values_list("started_at", "completed_at")[:BUILD_SAMPLES]
-    )
-    return [max((done - started).total_seconds(), 0.0) for started, done in rows]
 
 
 def _demand_file(

@@ -25,18 +25,17 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from accounts.models import SYSTEM_USER_ID, Organization
+from accounts.models import Organization
 from prebuilds.pacing import Demand, allowed_creations
 from prebuilds.reconciliation import ActionType, calculate_actions
-from prebuilds.selectors import reconciliation_snapshot
+from prebuilds.selectors import recent_prebuild_build_seconds, reconciliation_snapshot
 from prebuilds.services import preset_invalidate
 from prebuilds.sizing import percentile
-from workspaces.models import JobStatus, ProvisionerJob, Template, TemplateVersionPreset
+from workspaces.models import Template, TemplateVersionPreset
 from workspaces.template_files import TemplateSpec
 from workspaces.template_services import template_push
 
 BUILD_PERCENTILE = 90
-BUILD_SAMPLES = 200  # the most recent successful prebuild builds of the template
 
 
 @dataclass(frozen=True)
@@ -113,7 +112,7 @@ def template_push_plan(
             version = template_push(
                 organization=organization, spec=spec, source=source, activate=activate
             )
-            samples = _build_seconds(version.template_id)
+            samples = recent_prebuild_build_seconds(workspace__template_id=version.template_id)
             p90 = percentile(samples, BUILD_PERCENTILE) if samples else None
             pools: tuple[PoolPlan, ...] = ()
             paused = False
@@ -155,7 +154,9 @@ def preset_invalidate_plan(*, preset: TemplateVersionPreset) -> tuple[PoolPlan |
     try:
         with transaction.atomic():
             preset_invalidate(preset=preset)
-            samples = _build_seconds(preset.template_version.template_id)
+            samples = recent_prebuild_build_seconds(
+                workspace__template_id=preset.template_version.template_id
+            )
             p90 = percentile(samples, BUILD_PERCENTILE) if samples else None
             snapshot = reconciliation_snapshot(now=now, preset_ids=[preset.id])
             pools = _pools(snapshot, {preset.id}, p90)
@@ -227,24 +228,6 @@ def fill_waves(wanted: dict[str, int]) -> dict[str, tuple[int, int]]:
         if not any(allowed.values()):  # cannot happen with a cap > 0; never loop forever
             break
     return {name: (first, last) for name, (first, last) in result.items()}
-
-
-def _build_seconds(template_id) -> list[float]:
-    """Durations of the template's most recent successful prebuild builds (any version)."""
-    rows = (
-        ProvisionerJob.objects.filter(
-            build__workspace__template_id=template_id,
-            build__initiator_id=SYSTEM_USER_ID,
-            build__reason="prebuild",
-            build__transition="start",
-            status=JobStatus.SUCCEEDED,
-            started_at__isnull=False,
-            completed_at__isnull=False,
-        )
-        .order_by("-completed_at")
-        .values_list("started_at", "completed_at")[:BUILD_SAMPLES]
-    )
-    return [max((done - started).total_seconds(), 0.0) for started, done in rows]
 
 
 def format_duration(seconds: float) -> str:

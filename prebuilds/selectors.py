@@ -43,7 +43,13 @@ from prebuilds.reconciliation import (
     calculate_desired_instances,
 )
 from prebuilds.sizing import Demand, Sizing, SizingGoal, desired_size
-from workspaces.models import PrebuildStatus, PresetSchedule, TemplateVersionPreset
+from workspaces.models import (
+    JobStatus,
+    PrebuildStatus,
+    PresetSchedule,
+    ProvisionerJob,
+    TemplateVersionPreset,
+)
 from workspaces.selectors import parse_uuid
 
 
@@ -482,6 +488,27 @@ SELECT 'build', goal_id, NULL, NULL, NULL, NULL, seconds
  WHERE rn <= %(builds)s
 """
 SIZING_BUILD_SAMPLES = 200
+
+
+def recent_prebuild_build_seconds(**builds: Any) -> list[float]:
+    """Durations (s) of the newest `SIZING_BUILD_SAMPLES` successful prebuild start builds
+    matching ``builds`` (lookups on the build, e.g. ``preset__in=…`` or
+    ``workspace__template_id=…``), newest first: what the backtest draws from and a push plan
+    takes its p90 of, the same sample query 6 gives sizing."""
+    rows = (
+        ProvisionerJob.objects.filter(
+            **{f"build__{lookup}": value for lookup, value in builds.items()},
+            build__initiator_id=SYSTEM_USER_ID,
+            build__reason="prebuild",
+            build__transition="start",
+            status=JobStatus.SUCCEEDED,
+            started_at__isnull=False,
+            completed_at__isnull=False,
+        )
+        .order_by("-completed_at")
+        .values_list("started_at", "completed_at")[:SIZING_BUILD_SAMPLES]
+    )
+    return [max((done - started).total_seconds(), 0.0) for started, done in rows]
 
 
 @dataclass(frozen=True)
