@@ -82,17 +82,7 @@ FROM (
     LIMIT %(window)s
 ) candidate
 JOIN workspaces_workspace w ON w.id = candidate.id
-JOIN LATERAL (
-    SELECT b.build_number, b.template_version_id, b.preset_id, b.transition, b.job_id
-    FROM workspaces_workspacebuild b
-    WHERE b.workspace_id = w.id
-    ORDER BY b.build_number DESC
-    LIMIT 1
-) latest ON true
-JOIN workspaces_provisionerjob j ON j.id = latest.job_id
-JOIN workspaces_template t ON t.id = w.template_id
-JOIN workspaces_templateversionpreset p ON p.id = latest.preset_id
-WHERE w.template_id = %(template)s
+{eligibility.LATEST_BUILD_JOINS}WHERE w.template_id = %(template)s
   AND latest.preset_id = %(preset)s
   AND {eligibility.claimable_where()}
 ORDER BY candidate.created_at
@@ -410,16 +400,7 @@ WITH live AS (
                     WHERE a.workspace_id = w.id AND a.retired_at IS NULL
                       AND a.lifecycle_state IN ('created', 'starting')) AS agents_starting
       FROM workspaces_workspace w
-      JOIN LATERAL (
-          SELECT b.template_version_id, b.preset_id, b.transition, b.job_id
-            FROM workspaces_workspacebuild b
-           WHERE b.workspace_id = w.id
-           ORDER BY b.build_number DESC
-           LIMIT 1
-      ) latest ON true
-      JOIN workspaces_provisionerjob j ON j.id = latest.job_id
-      JOIN workspaces_template t ON t.id = w.template_id
-      JOIN workspaces_templateversionpreset p ON p.id = latest.preset_id
+      {eligibility.LATEST_BUILD_JOINS}
      WHERE {eligibility.SYSTEM_OWNED} AND w.template_id = %(template)s
        AND latest.preset_id = %(preset)s
 )

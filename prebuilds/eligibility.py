@@ -134,12 +134,11 @@ def params(*, disconnect_timeout: float, unhealthy_grace: float | None = None) -
     return {"disconnect_timeout": float(disconnect_timeout), "unhealthy_grace": float(grace)}
 
 
-# Claimable prebuilds per preset (latest build's), for harnesses and checks; needs ``params``.
-CLAIMABLE_COUNTS_SQL = f"""
-SELECT latest.preset_id, count(*)
-FROM workspaces_workspace w
+# The joins that give the pieces their aliases, after a ``FROM`` of workspaces ``w``: ``latest``
+# (the workspace's latest build), its job ``j``, the template ``t`` and the preset ``p``.
+LATEST_BUILD_JOINS = """
 JOIN LATERAL (
-    SELECT b.template_version_id, b.preset_id, b.transition, b.job_id
+    SELECT b.build_number, b.template_version_id, b.preset_id, b.transition, b.job_id
     FROM workspaces_workspacebuild b
     WHERE b.workspace_id = w.id
     ORDER BY b.build_number DESC
@@ -148,6 +147,12 @@ JOIN LATERAL (
 JOIN workspaces_provisionerjob j ON j.id = latest.job_id
 JOIN workspaces_template t ON t.id = w.template_id
 JOIN workspaces_templateversionpreset p ON p.id = latest.preset_id
-WHERE {claimable_where()}
+"""
+
+# Claimable prebuilds per preset (latest build's), for harnesses and checks; needs ``params``.
+CLAIMABLE_COUNTS_SQL = f"""
+SELECT latest.preset_id, count(*)
+FROM workspaces_workspace w
+{LATEST_BUILD_JOINS}WHERE {claimable_where()}
 GROUP BY latest.preset_id
 """
