@@ -23,7 +23,10 @@ def strip_body_headers(response: HttpResponseBase) -> HttpResponseBase:
     return response
 
 
-class NoContentMiddleware:
+class SyncAsyncMiddleware:
+    """Base of a middleware that serves sync and async views alike without a thread hop (the
+    reinit long-poll is an async view): a subclass writes ``_call`` and ``_acall``."""
+
     sync_capable = True
     async_capable = True
 
@@ -36,6 +39,11 @@ class NoContentMiddleware:
     def __call__(self, request: HttpRequest):
         if self.is_async:
             return self._acall(request)
+        return self._call(request)
+
+
+class NoContentMiddleware(SyncAsyncMiddleware):
+    def _call(self, request: HttpRequest) -> HttpResponseBase:
         return strip_body_headers(self.get_response(request))
 
     async def _acall(self, request: HttpRequest) -> HttpResponseBase:

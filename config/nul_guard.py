@@ -17,8 +17,9 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, JsonResponse
+
+from config.http import SyncAsyncMiddleware
 
 NUL = "\x00"
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
@@ -95,25 +96,14 @@ def bad_request(request: HttpRequest, where: str) -> HttpResponse:
     )
 
 
-class NulGuardMiddleware:
+class NulGuardMiddleware(SyncAsyncMiddleware):
     """Answer 400 to a request carrying a NUL character (see the module docstring).
 
     Sync and async: the agents' reinit long-poll is an async view and must not be moved to a
     thread by a sync-only middleware.
     """
 
-    sync_capable = True
-    async_capable = True
-
-    def __init__(self, get_response) -> None:
-        self.get_response = get_response
-        self.is_async = iscoroutinefunction(get_response)
-        if self.is_async:
-            markcoroutinefunction(self)
-
-    def __call__(self, request: HttpRequest):
-        if self.is_async:
-            return self._acall(request)
+    def _call(self, request: HttpRequest) -> HttpResponse:
         where = nul_field(request)
         if where is not None:
             return bad_request(request, where)

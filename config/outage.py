@@ -29,12 +29,13 @@ import time
 from collections.abc import Callable
 
 import psycopg
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from asgiref.sync import sync_to_async
 from django.db import utils as db_utils
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views import defaults
 
 from config import env
+from config.http import SyncAsyncMiddleware
 
 logger = logging.getLogger(__name__)
 
@@ -169,22 +170,11 @@ def unavailable_response(request: HttpRequest) -> HttpResponse:
     return response
 
 
-class UnavailableMiddleware:
+class UnavailableMiddleware(SyncAsyncMiddleware):
     """Early in ``MIDDLEWARE`` (before anything that reads the database): while the database
     is down, answer 503 at once."""
 
-    sync_capable = True
-    async_capable = True
-
-    def __init__(self, get_response) -> None:
-        self.get_response = get_response
-        self.is_async = iscoroutinefunction(get_response)
-        if self.is_async:
-            markcoroutinefunction(self)
-
-    def __call__(self, request: HttpRequest):
-        if self.is_async:
-            return self._acall(request)
+    def _call(self, request: HttpRequest) -> HttpResponse:
         if not database.available():
             return unavailable_response(request)
         return self.get_response(request)
