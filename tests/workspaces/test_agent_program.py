@@ -27,6 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from config.embedded import pid_alive
 from workspaces.agent.agent import Backoff, Manifest, script_environment
 
 pytestmark = pytest.mark.timeout(30)
@@ -55,15 +56,6 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s\n{describe()}")
         time.sleep(0.02)
-
-
-def is_alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, which an init may be slow to reap, is dead)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def free_port() -> int:
@@ -546,13 +538,13 @@ def test_it_reports_shutting_down_and_off_and_kills_the_script_on_a_signal(
     agent = start_agent()
     wait_until(lambda: f"{SCRIPT_PREFIX}started" in agent.stdout, describe=agent.describe)
     pids = [int((tmp_path / name).read_text()) for name in ("shell.pid", "child.pid")]
-    assert all(is_alive(pid) for pid in pids)
+    assert all(pid_alive(pid) for pid in pids)
 
     agent.proc.send_signal(signum)
 
     assert agent.wait() == 0
     assert control_plane.states() == ["starting", "shutting_down", "off"]
-    wait_until(lambda: not any(is_alive(pid) for pid in pids), timeout=2)
+    wait_until(lambda: not any(pid_alive(pid) for pid in pids), timeout=2)
 
 
 def test_it_shuts_down_promptly_during_a_reinit_long_poll(

@@ -16,10 +16,11 @@ from django.conf import settings
 from django.utils import timezone
 
 from accounts.services import system_user
+from config.embedded import pid_alive
 from tests.accounts.factories import UserFactory
 from tests.processes import asgi_server
 from tests.workspaces.factories import PresetFactory, TemplateFactory
-from tests.workspaces.worker_helpers import closed_port_url, kill_group, pid_alive
+from tests.workspaces.worker_helpers import closed_port_url, kill_group
 from workspaces import jobs, routing, tasks
 from workspaces.models import (
     AgentLifecycle,

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+from config.embedded import pid_alive  # noqa: F401  (the worker tests import it from here)
 from tests.processes import process_env
 from tests.workspaces.factories import TemplateFactory
 from workspaces import routing
@@ -34,15 +35,6 @@ def wait_until(
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what or predicate}")
         time.sleep(interval)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie counts as dead: it has exited, only its status is left)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def proc_cmdline(pid: int) -> list[str]:
