@@ -189,16 +189,9 @@ class PrebuildPoolAdmin(admin.ModelAdmin):
     def save_model(self, request: HttpRequest, obj: PrebuildPool, form, change) -> None:
         if "desired_instances" not in form.changed_data:
             return
-        before = form.initial.get("desired_instances")
-        with transaction.atomic():
-            preset_set_desired_instances(preset=obj, instances=obj.desired_instances)
-            audit_record(
-                user=request.user,
-                action=AuditAction.SET_DESIRED_INSTANCES,
-                preset=obj,
-                detail=f"{_instances(before)} → {_instances(obj.desired_instances)}",
-                source="admin",
-            )
+        preset_set_desired_instances(
+            preset=obj, instances=obj.desired_instances, actor=request.user, source="admin"
+        )
 
     @admin.action(description="Invalidate prebuilds of the selected presets")
     def invalidate_prebuilds(self, request: HttpRequest, queryset: QuerySet) -> None:
@@ -245,7 +238,3 @@ class PrebuildPoolAdmin(admin.ModelAdmin):
                     source="admin",
                 )
         self.message_user(request, f"{total} pending prebuild builds canceled.")
-
-
-def _instances(value: int | None) -> str:
-    return "none" if value is None else str(value)

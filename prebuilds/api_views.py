@@ -130,17 +130,10 @@ def preset_view(request: HttpRequest, preset_id: str) -> JsonResponse:
         raise ApiError(404, "not_found", NOT_FOUND_PRESET)
     if request.method == "PUT":
         instances = _desired_instances(read_json(request))
-        before = preset.desired_instances
         try:
-            with transaction.atomic():
-                preset_set_desired_instances(preset=preset, instances=instances)
-                audit_record(
-                    user=request.api_user,
-                    action=AuditAction.SET_DESIRED_INSTANCES,
-                    preset=preset,
-                    detail=f"{'none' if before is None else before} → {instances}",
-                    source="api",
-                )
+            preset_set_desired_instances(
+                preset=preset, instances=instances, actor=request.api_user, source="api"
+            )
         except PrebuildsError as exc:
             raise ApiError(400, "invalid_field", f"desired_instances: {exc.detail}") from None
     return JsonResponse(_preset_document(preset))

@@ -11,8 +11,9 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
-from accounts.models import SYSTEM_USER_ID
-from prebuilds.models import SETTINGS_ID, PrebuildsSettings
+from accounts.models import SYSTEM_USER_ID, User
+from prebuilds.audit import audit_record
+from prebuilds.models import SETTINGS_ID, AuditAction, PrebuildsSettings
 from prebuilds.reconciler import PassResult, reconcile
 from workspaces.jobs import job_cancel
 from workspaces.models import (
@@ -120,22 +121,28 @@ def preset_cancel_pending(*, preset: TemplateVersionPreset) -> int:
 
 @transaction.atomic
 def preset_set_desired_instances(
-    *, preset: TemplateVersionPreset, instances: int | None
+    *,
+    preset: TemplateVersionPreset,
+    instances: int | None,
+    actor: User | None = None,
+    source: str = "dashboard",
 ) -> TemplateVersionPreset:
     """Set the pool size of the preset (None: the preset declares no prebuilds).
 
     The next pass creates or deletes prebuilds to match. Sizes above
     ``PREBUILDS_MAX_INSTANCES_PER_PRESET``, or raising the organization's total above
     ``PREBUILDS_MAX_INSTANCES_PER_ORGANIZATION``, are refused (``workspaces.pool_limits``).
+    With ``actor``, the change is audited (``before → after``, from ``source``: the dashboard,
+    the admin or the API) in the same transaction; a refusal changes and records nothing.
     """
     preset = _require_preset(preset)
     if instances is not None and (
         not isinstance(instances, int) or isinstance(instances, bool) or instances < 0
     ):
         raise PrebuildsError("instances", f"must be an integer >= 0 or None (got {instances!r}).")
-    organization_id = (
+    organization_id, before = (
         TemplateVersionPreset.objects.filter(id=preset.id)
-        .values_list("template_version__template__organization_id", flat=True)
+        .values_list("template_version__template__organization_id", "desired_instances")
         .get()
     )
     try:
@@ -147,9 +154,22 @@ def preset_set_desired_instances(
     except PoolSizeError as exc:
         detail = "; ".join(m.removeprefix("instances: ") for m in exc.messages)
         raise PrebuildsError("instances", detail) from None
-    TemplateVersionPreset.objects.filter(id=preset.id).update(desired_instances=instances)
+    with transaction.atomic():
+        TemplateVersionPreset.objects.filter(id=preset.id).update(desired_instances=instances)
+        if actor is not None:
+            audit_record(
+                user=actor,
+                action=AuditAction.SET_DESIRED_INSTANCES,
+                preset=preset,
+                detail=f"{_instances_text(before)} → {_instances_text(instances)}",
+                source=source,
+            )
     preset.desired_instances = instances
     return preset
+
+
+def _instances_text(value: int | None) -> str:
+    return "none" if value is None else str(value)
 
 
 def reconciliation_run_now(*, dry_run: bool = False) -> PassResult:

@@ -254,16 +254,9 @@ def preset_desired_instances(request: HttpRequest, preset_id: UUID) -> HttpRespo
     preset = _preset_or_404(preset_id)
     form = DesiredInstancesForm(request.POST)
     if form.is_valid():
-        before, instances = preset.desired_instances, form.cleaned_data["instances"]
+        instances = form.cleaned_data["instances"]
         try:
-            with transaction.atomic():
-                preset_set_desired_instances(preset=preset, instances=instances)
-                audit_record(
-                    user=request.user,
-                    action=AuditAction.SET_DESIRED_INSTANCES,
-                    preset=preset,
-                    detail=f"{_instances(before)} → {_instances(instances)}",
-                )
+            preset_set_desired_instances(preset=preset, instances=instances, actor=request.user)
         except PrebuildsError as exc:
             form.add_error("instances", f"Desired instances: {exc.detail}")
         else:
