@@ -46,14 +46,12 @@ class PrebuildsSettingsAdmin(admin.ModelAdmin):
         return False
 
     def save_model(self, request: HttpRequest, obj: PrebuildsSettings, form, change) -> None:
-        with transaction.atomic():
-            reconciliation_pause(paused=obj.reconciliation_paused)
-            if "reconciliation_paused" in form.changed_data:
-                audit_record(
-                    user=request.user,
-                    action=AuditAction.PAUSE if obj.reconciliation_paused else AuditAction.RESUME,
-                    source="admin",
-                )
+        changed = "reconciliation_paused" in form.changed_data  # audited only when it changed
+        reconciliation_pause(
+            paused=obj.reconciliation_paused,
+            actor=request.user if changed else None,
+            source="admin",
+        )
 
 
 @admin.register(ReconciliationPass)

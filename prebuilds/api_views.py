@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any, TypedDict
 
-from django.db import transaction
 from django.http import HttpRequest, JsonResponse
 
 from accounts.api import ApiError, api_view, read_json
-from prebuilds.audit import audit_record
-from prebuilds.models import AuditAction
 from prebuilds.reconciler import status_document
 from prebuilds.selectors import preset_get_for_operator, preset_is_active, reconciliation_paused
 from prebuilds.services import PrebuildsError, preset_set_desired_instances, reconciliation_pause
@@ -52,11 +49,8 @@ def settings_view(request: HttpRequest) -> JsonResponse:
             raise ApiError(400, "invalid_field", "reconciliation_paused: this field is required.")
         paused = body["reconciliation_paused"]
         try:
-            with transaction.atomic():
-                reconciliation_pause(paused=paused)
-                # Audited like the dashboard's switch, so a scripted pause is on the record too.
-                action = AuditAction.PAUSE if paused else AuditAction.RESUME
-                audit_record(user=request.api_user, action=action, source="api")
+            # Audited like the dashboard's switch, so a scripted pause is on the record too.
+            reconciliation_pause(paused=paused, actor=request.api_user, source="api")
         except PrebuildsError as exc:
             raise ApiError(400, "invalid_field", f"reconciliation_paused: {exc.detail}") from None
     return JsonResponse({"reconciliation_paused": reconciliation_paused()})

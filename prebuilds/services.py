@@ -43,16 +43,24 @@ def _require_preset(preset: Any) -> TemplateVersionPreset:
 
 
 @transaction.atomic
-def reconciliation_pause(*, paused: bool) -> PrebuildsSettings:
+def reconciliation_pause(
+    *, paused: bool, actor: User | None = None, source: str = "dashboard"
+) -> PrebuildsSettings:
     """Pause (True) or resume (False) the reconciler; the next pass obeys it.
 
     A paused reconciler still computes and reports state; it only stops executing actions.
+    With ``actor``, the switch is audited (pause or resume, from ``source``) in the same
+    transaction.
     """
     if not isinstance(paused, bool):
         raise PrebuildsError("paused", f"must be true or false (got {paused!r}).")
-    settings_row, _ = PrebuildsSettings.objects.update_or_create(
-        id=SETTINGS_ID, defaults={"reconciliation_paused": paused}
-    )
+    with transaction.atomic():
+        settings_row, _ = PrebuildsSettings.objects.update_or_create(
+            id=SETTINGS_ID, defaults={"reconciliation_paused": paused}
+        )
+        if actor is not None:
+            action = AuditAction.PAUSE if paused else AuditAction.RESUME
+            audit_record(user=actor, action=action, source=source)
     return settings_row
 
 

@@ -132,9 +132,7 @@ def pause(request: HttpRequest) -> HttpResponse:
     if not form.is_valid():
         return _overview_answer(request, "error", form.errors["paused"][0])
     paused = form.cleaned_data["paused"]
-    with transaction.atomic():
-        reconciliation_pause(paused=paused)
-        audit_record(user=request.user, action=AuditAction.PAUSE if paused else AuditAction.RESUME)
+    reconciliation_pause(paused=paused, actor=request.user)
     text = "Reconciliation paused." if paused else "Reconciliation resumed."
     return _overview_answer(request, "success", text)
 
